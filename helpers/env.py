@@ -1,0 +1,185 @@
+"""Where are we running? Colab or not, GPU, DALI, hub reachability, quick/full workload size."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import platform
+import socket
+import sys
+import unicodedata
+from dataclasses import dataclass
+
+HUB_HOST = "huggingface.co"
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (its ``google.colab`` module is importable)."""
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except ModuleNotFoundError:  # ``google`` exists but has no ``colab``
+        return False
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA GPU."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device() -> str:
+    """The device the course uses: ``"cuda"`` when a GPU is there, else ``"cpu"``."""
+    return "cuda" if cuda_available() else "cpu"
+
+
+def gpu_name() -> str | None:
+    """The GPU's marketing name (e.g. ``"Tesla T4"``), or None without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def dali_version() -> str | None:
+    """The installed NVIDIA DALI version, or None when DALI does not import."""
+    try:
+        import nvidia.dali as dali
+    except Exception:  # any import failure (missing CUDA libraries too) means "no DALI"
+        return None
+    return str(dali.__version__)
+
+
+def dali_gpu_ok() -> bool:
+    """True when DALI imports and a GPU (``mixed``) pipeline can run here."""
+    return dali_version() is not None and cuda_available()
+
+
+def hub_offline_flag() -> bool:
+    """True when the user switched the Hugging Face hub off (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@functools.lru_cache(maxsize=4)
+def hub_reachable(timeout: float = 3.0, host: str = HUB_HOST) -> bool:
+    """True when the Hugging Face hub answers a TCP connection within ``timeout`` seconds.
+
+    Never hangs longer than the timeout (DNS included, as far as the resolver allows);
+    cached per process, so asking twice costs nothing.
+    """
+    if hub_offline_flag():
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        infos = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+        for family, kind, proto, _, address in infos[:2]:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout)
+                if sock.connect_ex(address) == 0:
+                    return True
+        return False
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def quick_mode() -> bool:
+    """True when notebooks should use the small workload.
+
+    ``TUTORIAL_QUICK=1``/``0`` decides when set; otherwise quick whenever there is no GPU
+    or the ``CI`` variable is set.
+    """
+    flag = os.environ.get("TUTORIAL_QUICK", "").strip().lower()
+    if flag in {"1", "true", "yes", "on"}:
+        return True
+    if flag in {"0", "false", "no", "off"}:
+        return False
+    return bool(os.environ.get("CI")) or not cuda_available()
+
+
+def workload_size(full: int = 1000, quick: int = 16) -> int:
+    """The number of images a benchmark uses: ``full`` on a GPU, ``quick`` otherwise."""
+    return quick if quick_mode() else full
+
+
+@dataclass(frozen=True)
+class EnvReport:
+    """A snapshot of what this runtime has."""
+
+    python: str
+    torch: str
+    transformers: str | None
+    colab: bool
+    device: str
+    gpu: str | None
+    cpu_count: int
+    dali: str | None
+    dali_gpu: bool
+    hub: bool
+    quick: bool
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The report as (item, value) rows, in Japanese."""
+
+        def yes(flag: bool) -> str:
+            return "はい" if flag else "いいえ"
+
+        return [
+            ("Python", self.python),
+            ("PyTorch", self.torch),
+            ("transformers", self.transformers or "なし"),
+            ("Colab 上か", yes(self.colab)),
+            ("デバイス", self.device),
+            ("GPU", self.gpu or "なし"),
+            ("CPU コア数", str(self.cpu_count)),
+            ("DALI", self.dali or "なし"),
+            ("DALI の GPU パイプライン", yes(self.dali_gpu)),
+            ("Hugging Face Hub に接続", yes(self.hub)),
+            ("ワークロード", "quick (小)" if self.quick else "full (本番)"),
+        ]
+
+
+def collect(hub_timeout: float = 3.0) -> EnvReport:
+    """Gather an :class:`EnvReport` (asks the hub at most ``hub_timeout`` seconds)."""
+    import torch
+
+    try:
+        import transformers
+
+        tf_version: str | None = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return EnvReport(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=tf_version,
+        colab=in_colab(),
+        device=device(),
+        gpu=gpu_name(),
+        cpu_count=os.cpu_count() or 1,
+        dali=dali_version(),
+        dali_gpu=dali_gpu_ok(),
+        hub=hub_reachable(hub_timeout),
+        quick=quick_mode(),
+    )
+
+
+def report(hub_timeout: float = 3.0, file=None) -> EnvReport:
+    """Print the environment as a small two-column table and return it."""
+    info = collect(hub_timeout)
+    rows = info.rows()
+    width = max(display_width(k) for k, _ in rows) + 2
+    out = file or sys.stdout
+    for key, value in rows:
+        print(key + " " * (width - display_width(key)) + value, file=out)
+    return info
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: East Asian wide characters count twice."""
+    return sum(2 if unicodedata.east_asian_width(ch) in {"W", "F"} else 1 for ch in text)

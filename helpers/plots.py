@@ -1,0 +1,93 @@
+"""Japanese-capable matplotlib set-up and the few chart types the notebooks use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from helpers.timing import ResultsTable
+
+
+def setup_japanese() -> str:
+    """Make matplotlib render Japanese text (matplotlib-fontja); return the font family used."""
+    import matplotlib_fontja
+    from matplotlib import rcParams
+
+    matplotlib_fontja.japanize()
+    family = rcParams["font.family"]
+    return family[0] if isinstance(family, list) else str(family)
+
+
+def throughput_bar(table: ResultsTable, title: str | None = None, unit: str = "画像/秒") -> Figure:
+    """Horizontal bar chart of throughput per variant, each bar labelled with its speed-up."""
+    import matplotlib.pyplot as plt
+
+    setup_japanese()
+    rows = table.rows()
+    names = [str(r["name"]) for r in rows]
+    values = [float(r["items_per_s"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
+    bars = ax.barh(names, values, color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title or table.title or "スループット")
+    for bar, row in zip(bars, rows, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row['speedup']:.1f}×", va="center")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_line(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+) -> Figure:
+    """Line chart of one or more series over a swept parameter (batch size, temperature, ...)."""
+    import matplotlib.pyplot as plt
+
+    setup_japanese()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, ys in series.items():
+        ax.plot(list(x), list(ys), marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(
+    images: Sequence[Image.Image], captions: Sequence[str] | None = None, ncols: int = 4
+) -> Figure:
+    """Show PIL images in a grid, each with an optional caption under it."""
+    import matplotlib.pyplot as plt
+
+    setup_japanese()
+    n = len(images)
+    if n == 0:
+        raise ValueError("image_grid needs at least one image")
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            if captions is not None:
+                ax.set_title(captions[i], fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,166 @@
+"""Notebook tooling: badge + set-up cell from one template, skeleton, outputs, quiet stderr, make run/lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers import REPO_ROOT
+from helpers import notebooks as nbtool
+
+NOTEBOOKS = nbtool.notebooks()
+
+
+def test_there_are_notebooks() -> None:
+    assert NOTEBOOKS and NOTEBOOKS[0].name == "00_setup_check.ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_badge_and_setup_cell_match_the_template(path: Path) -> None:
+    assert nbtool.check_notebook(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_outputs_stripped_except_checked_cells(path: Path) -> None:
+    assert nbtool.output_problems(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_skeleton(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    lines = markdown.splitlines()
+    number = path.name[:2]
+    assert any(line.startswith(f"# {number} ") for line in lines), "title '# NN …'"
+    for heading in ("## このノートブックで学ぶこと", "## まとめ", "## 練習問題", "### 解答例"):
+        assert heading in lines, heading
+    assert any(line.startswith("所要時間:") for line in lines)
+    solutions = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
+    assert solutions, "exercises need solution cells"
+    for cell in solutions:
+        assert cell.cell_type == "code" and cell.metadata["jupyter"]["source_hidden"] is True
+
+
+def test_setup_template_renders_extras_and_pins() -> None:
+    plain = nbtool.render_setup([], "me/course", "v1")
+    assert '"matplotlib_fontja": "matplotlib-fontja==' in plain
+    assert "https://github.com/me/course.git" in plain and 'COURSE_REF = "v1"' in plain
+    assert "torch" not in plain.split("COLAB_PACKAGES")[1].split("\n")[0]
+    dali = nbtool.render_setup(["dali"], "me/course", "v1")
+    assert '"nvidia.dali": "nvidia-dali-cuda120==' in dali
+    with pytest.raises(KeyError):
+        nbtool.render_setup(["nope"], "me/course", "v1")
+    badge = nbtool.render_badge("01_x.ipynb", "me/course", "v1")
+    assert badge.endswith("(https://colab.research.google.com/github/me/course/blob/v1/notebooks/01_x.ipynb)")
+
+
+def test_sync_fixes_drift_and_check_reports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / NOTEBOOKS[0].name
+    shutil.copy(NOTEBOOKS[0], copy)
+    nb = nbformat.read(copy, as_version=4)
+    setup = next(c for c in nb.cells if nbtool.SETUP_TAG in c.metadata.get("tags", []))
+    setup.source += "\nprint('edited by hand')"
+    nbformat.write(nb, copy)
+    assert any("set-up cell" in p for p in nbtool.check_notebook(copy))
+    assert nbtool.sync_notebook(copy) is True
+    assert nbtool.check_notebook(copy) == []
+    assert nbtool.sync_notebook(copy) is False
+
+
+def test_slug_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nbtool, "CONFIG_PATH", tmp_path / "colab.json")
+    nbtool.save_config("someone/fork", "dev")
+    assert nbtool.load_config() == {"slug": "someone/fork", "ref": "dev"}
+    with pytest.raises(ValueError):
+        nbtool.save_config("not a slug", "main")
+
+
+def test_setup_cell_outside_colab_is_silent_and_finds_helpers(tmp_path: Path) -> None:
+    """The rendered cell, run from notebooks/ (as Jupyter does) in a fresh interpreter, prints nothing."""
+    config = nbtool.load_config()
+    script = tmp_path / "cell.py"
+    script.write_text(
+        nbtool.render_setup([], config["slug"], config["ref"])
+        + "\nimport helpers\nprint(helpers.REPO_ROOT)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-I", str(script)],
+        cwd=REPO_ROOT / "notebooks",
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(REPO_ROOT)  # nothing else printed
+    assert result.stderr == ""
+
+
+def test_nbval_fails_a_cell_that_writes_to_stderr(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("print('fine')"),
+        nbformat.v4.new_code_cell("import warnings\nwarnings.warn('noisy')"),
+    ]
+    nbformat.write(nb, tmp_path / "noisy.ipynb")
+    shutil.copy(REPO_ROOT / "notebooks" / "conftest.py", tmp_path / "conftest.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", "noisy.ipynb"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "1 failed, 1 passed" in result.stdout and "wrote to stderr" in result.stdout
+
+
+def test_run_notebooks_writes_copies_and_summary(tmp_path: Path) -> None:
+    from helpers import run_notebooks
+
+    assert run_notebooks.main(["00_setup_check.ipynb", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "00_setup_check.ipynb").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["runs"][0]["ok"] is True and summary["runs"][0]["stderr_cells"] == 0
+    assert "00_setup_check.ipynb" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_jupyterlab_serves_lab(tmp_path: Path) -> None:
+    port = _free_port()
+    jupyter = Path(sys.executable).with_name("jupyter")
+    command = [
+        str(jupyter), "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+        "--IdentityProvider.token=", f"--notebook-dir={REPO_ROOT / 'notebooks'}", "--allow-root",
+    ]  # fmt: skip
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path), JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=5) as response:
+                    body = response.read().decode()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert response.status == 200 and "JupyterLab" in body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

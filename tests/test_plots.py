@@ -1,0 +1,54 @@
+"""helpers.plots: Japanese text renders with a Japanese font (no tofu), charts build."""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+from matplotlib import font_manager
+from PIL import Image
+
+from helpers import plots
+from helpers.timing import ResultsTable, Timing
+
+
+def test_japanese_font_has_no_missing_glyphs(tmp_path) -> None:
+    family = plots.setup_japanese()
+    path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+    assert "ipa" in path.lower() or "noto" in path.lower() or "fontja" in path.lower()
+    fig, ax = plt.subplots()
+    ax.set_title("猫と犬の確率")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font" would be a warning
+        fig.savefig(tmp_path / "ja.png")
+    plt.close(fig)
+
+
+def test_throughput_bar(tmp_path) -> None:
+    table = ResultsTable(title="テスト")
+    table.add(Timing("1 枚ずつ", 2.0, 10))
+    table.add(Timing("バッチ", 0.5, 10))
+    fig = plots.throughput_bar(table)
+    fig.savefig(tmp_path / "bar.png")
+    assert len(fig.axes[0].patches) == 2
+    plt.close(fig)
+
+
+def test_sweep_line() -> None:
+    fig = plots.sweep_line(
+        [1, 2, 4], {"画像/秒": [1, 2, 3], "メモリ": [3, 2, 1]}, "バッチサイズ", "値", logx=True
+    )
+    assert len(fig.axes[0].lines) == 2
+    plt.close(fig)
+
+
+def test_image_grid_captions() -> None:
+    images = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
+    fig = plots.image_grid(images, ["赤", "青", "緑"], ncols=2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["赤", "青", "緑"]
+    plt.close(fig)
