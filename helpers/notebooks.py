@@ -67,7 +67,8 @@ def _course_setup() -> None:
     if missing:
         from IPython import get_ipython
 
-        get_ipython().run_line_magic("pip", "install --quiet " + " ".join(missing))
+        quiet = "--quiet --disable-pip-version-check --root-user-action=ignore"  # no notices from pip itself
+        get_ipython().run_line_magic("pip", " ".join(["install", quiet, *missing]))
     if root not in sys.path:
         sys.path.insert(0, root)
     print(f"セットアップ完了: {{root}} (追加したパッケージ: {{', '.join(missing) or 'なし'}})")
