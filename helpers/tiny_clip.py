@@ -13,7 +13,6 @@ Commands::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -21,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from helpers.clip_compat import quiet_transformers
 from helpers.shapes import COLORS, LABELS, SHAPES, draw_shape, make_dataset
 from helpers.tiny_clip_model import TinyClipConfig, TinyClipModel, contrastive_loss, register
 
@@ -86,22 +86,6 @@ __all__ = [
 ]
 
 register()
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' progress bars and warnings for the duration (then restore them)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _vocabulary() -> list[str]:
