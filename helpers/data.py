@@ -69,26 +69,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open an image as 8-bit RGB with its EXIF orientation applied.
 
     Odd but valid files (CMYK, 16-bit, palette, grayscale, alpha, 1×1) are converted.
     Anything unreadable raises :class:`ImageReadError` naming the file: missing, a folder,
-    empty, not an image, truncated, or larger than ``max_pixels``.
+    empty, not an image, truncated, or larger than ``max_pixels`` (default :data:`MAX_PIXELS`,
+    read at call time).
     """
     path = Path(path)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         if path.is_dir():
             raise ImageReadError(path, "画像ではなくフォルダーです (is a directory)")
         if path.stat().st_size == 0:
             raise ImageReadError(path, "空のファイルです (empty file)")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit (below) is lower than PIL's warning threshold and names the size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
-                if width * height > max_pixels:
+                if width * height > limit:
                     raise ImageReadError(
-                        path, f"画像が大きすぎます: {width}×{height} > {max_pixels:,} 画素 (too large)"
+                        path, f"画像が大きすぎます: {width}×{height} > {limit:,} 画素 (too large)"
                     )
                 image.load()
                 image = ImageOps.exif_transpose(image)
@@ -101,13 +104,9 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageReadError(path, "読み取り権限がありません (permission denied)") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError(path, "画像として認識できません (not an image)") from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"画像が大きすぎます (too large): {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(path, f"壊れているか読めない画像です ({type(err).__name__}: {err})") from None
 
 

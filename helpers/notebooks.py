@@ -112,7 +112,7 @@ def render_setup(extras: list[str], slug: str, ref: str) -> str:
         if extra not in EXTRAS:
             raise KeyError(f"unknown extra {extra!r}; known: {sorted(EXTRAS)}")
         modules.update(EXTRAS[extra])
-    packages = "{" + ", ".join(f'"{m}": "{pinned(d)}"' for m, d in modules.items()) + "}"
+    packages = "{\n" + "".join(f'    "{m}": "{pinned(d)}",\n' for m, d in modules.items()) + "}"
     return SETUP_TEMPLATE.format(slug=slug, ref=ref, packages=packages, dirname=slug.split("/")[1])
 
 

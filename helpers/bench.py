@@ -1,0 +1,390 @@
+"""``python -m helpers.bench``: the batch-inference variants of notebook 02, measured on this machine.
+
+Every variant classifies the same N distinct JPEGs (:func:`helpers.data.make_workload`, or the
+images of ``--images DIR``) against the same labels and must give the baseline's probabilities
+(within :data:`FP32_TOLERANCE`, :data:`AMP_TOLERANCE` or :data:`DALI_TOLERANCE`); its time is the
+median of ``--repeats`` end-to-end passes (decode, preprocess, copy, model, softmax) after a
+short warm-up. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``::
+
+    python -m helpers.bench                         # the model load_clip() picks, workload_size() images
+    python -m helpers.bench --arch vit-b16-random --n 1000 --note "H100, 2 cores, estimate for T4"
+    python -m helpers.bench --model embedded --n 64 --out build/bench
+
+Variants (keys): ``a`` one image at a time; ``b`` manual slicing into batches; ``c`` a DataLoader
+over the paths (decoding still in the main process); ``d`` a Dataset that decodes and preprocesses
+in worker processes; ``e`` d + ``inference_mode`` + fp16 autocast on CUDA + text features once
+(the engine's ``dataloader`` backend); ``dali`` the engine's ``dali`` backend, when
+``helpers.dali.iter_preprocessed`` exists and DALI imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers import engines, env
+from helpers.data import BUILD_DIR, ImageReadError, list_images, make_workload, open_image, sample_photos
+from helpers.models import ClipModel, load_clip
+from helpers.timing import ResultsTable, Timing, measure
+
+FP32_TOLERANCE = 1e-3
+"""Largest |Δ probability| allowed for float32 variants (batching changes summation order only)."""
+AMP_TOLERANCE = 5e-2
+"""... for float16 autocast: ~3 significant digits per matmul put ~1e-3 on the cosines, which a
+real model's logit scale (up to 100) turns into ~0.1 in the logits and a few 1e-2 in the probabilities."""
+DALI_TOLERANCE = 1e-1
+"""... for DALI with autocast (another JPEG decoder and resize kernel: pixels differ by a few levels)."""
+TEMPLATE = "{}の写真"
+DEFAULT_OUT = BUILD_DIR / "bench"
+
+ARTICLE_T4_SECONDS: dict[str, float] = {
+    "1 枚ずつ": 30.5,
+    "バッチ (手作業で分割)": 17.2,
+    "DataLoader (パスのリスト)": 17.6,
+}
+"""The original article's figures: seconds for 1000 copies of one image, Colab T4, its CLIP model."""
+REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
+    "1 枚ずつ": 83,
+    "バッチ 50": 115,
+    "DataLoader + 15 ワーカー + fp16": 534,
+    "DALI GPU デコード + リサイズ": 3259,
+    "モデルのみ fp16 バッチ 256": 6720,
+}
+"""Measured earlier on the lent H100 (1000 JPEGs of 1260×750, random ViT-B/16): the expected shape."""
+
+
+@dataclass
+class Setup:
+    """What every variant gets: the model, the files, the label prompts and the batch settings."""
+
+    model: ClipModel
+    paths: list[Path]
+    texts: list[str]
+    batch_size: int = 64
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the job; ``run(setup)`` returns probabilities [N, labels] on the CPU."""
+
+    key: str
+    name: str
+    run: Callable[[Setup], torch.Tensor]
+    tolerance: float = FP32_TOLERANCE
+
+
+@dataclass
+class Outcome:
+    """A measured variant: its timing, and how far its probabilities are from the baseline's."""
+
+    variant: Variant
+    timing: Timing
+    max_diff: float
+    correct: bool
+
+
+@dataclass
+class Report:
+    """Everything one bench run found (what the JSON file holds)."""
+
+    machine: dict[str, object]
+    settings: dict[str, object]
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def table(self) -> ResultsTable:
+        table = ResultsTable(title=f"バッチ推論の方式と速さ ({self.machine['label']})")
+        for outcome in self.outcomes:
+            table.add(outcome.timing)
+        return table
+
+
+# ---------------------------------------------------------------- the variants
+
+
+def _probs(model: ClipModel, image_features: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """Text features computed here, every call (what a/b/c/d do), then the zero-shot probabilities."""
+    return engines.zero_shot_probs(image_features, model.encode_texts(list(texts)), model.logit_scale).cpu()
+
+
+def per_image(s: Setup) -> torch.Tensor:
+    """a. Open, preprocess and classify one image at a time."""
+    rows = []
+    for path in s.paths:
+        pixels = s.model.preprocess([open_image(path)])
+        rows.append(_probs(s.model, s.model.encode_images(pixels), s.texts))
+    return torch.cat(rows)
+
+
+def manual_batches(s: Setup) -> torch.Tensor:
+    """b. Slice the list into batches by hand; still decode in the main process."""
+    rows = []
+    for start in range(0, len(s.paths), s.batch_size):
+        images = [open_image(p) for p in s.paths[start : start + s.batch_size]]
+        rows.append(_probs(s.model, s.model.encode_images(s.model.preprocess(images)), s.texts))
+    return torch.cat(rows)
+
+
+def loader_over_paths(s: Setup) -> torch.Tensor:
+    """c. A DataLoader over the list of paths: it only batches the names (decoding stays here)."""
+    loader = torch.utils.data.DataLoader(s.paths, batch_size=s.batch_size, collate_fn=list)
+    rows = []
+    for batch_paths in loader:
+        images = [open_image(p) for p in batch_paths]
+        rows.append(_probs(s.model, s.model.encode_images(s.model.preprocess(images)), s.texts))
+    return torch.cat(rows)
+
+
+def workers(s: Setup) -> torch.Tensor:
+    """d. A Dataset that opens and preprocesses in ``num_workers`` processes; pinned memory on CUDA."""
+    loader = engines.make_loader(s.paths, engines.worker_preprocess(s.model), s.batch_size, s.num_workers)
+    rows = []
+    for _, pixels, errors in loader:
+        if errors:
+            index, reason = next(iter(errors.items()))
+            raise ImageReadError(s.paths[index], reason)
+        features = s.model.encode_images(pixels.to(s.model.device, non_blocking=True))
+        rows.append(_probs(s.model, features, s.texts))
+    return torch.cat(rows)
+
+
+def _engine(s: Setup, backend: str) -> torch.Tensor:
+    texts = engines.label_features(s.model, s.texts)  # once
+    embeddings = []
+    for records in engines.iter_embeddings(
+        s.model, s.paths, backend, s.batch_size, s.num_workers, amp=True, progress=False
+    ):
+        bad = next((r for r in records if r.status != "ok"), None)
+        if bad is not None:
+            raise ImageReadError(bad.path, bad.error)
+        embeddings.extend(r.embedding for r in records)
+    return engines.zero_shot_probs(torch.stack(embeddings), texts, s.model.logit_scale)
+
+
+def engine_dataloader(s: Setup) -> torch.Tensor:
+    """e. d + inference_mode + autocast (fp16 on CUDA) + text features once: the engine's DataLoader."""
+    return _engine(s, "dataloader")
+
+
+def engine_dali(s: Setup) -> torch.Tensor:
+    """DALI decodes and preprocesses (on the GPU when there is one): the engine's DALI backend."""
+    return _engine(s, "dali")
+
+
+def variants(device: torch.device | str) -> list[Variant]:
+    """The variants that can run here, baseline first (DALI only when ``helpers.dali`` provides it)."""
+    amp = AMP_TOLERANCE if engines.autocast_dtype(device) is not None else FP32_TOLERANCE
+    chosen = [
+        Variant("a", "a. 1 枚ずつ", per_image),
+        Variant("b", "b. バッチ (手作業で分割)", manual_batches),
+        Variant("c", "c. DataLoader (パスのリスト)", loader_over_paths),
+        Variant("d", "d. Dataset + ワーカーで前処理", workers),
+        Variant("e", "e. d + inference_mode + 混合精度 + テキスト 1 回", engine_dataloader, amp),
+    ]
+    if env.dali_version() is not None and engines.dali_engine_available():
+        where = "GPU" if torch.device(device).type == "cuda" else "CPU"
+        chosen.append(Variant("dali", f"DALI ({where} でデコード)", engine_dali, max(amp, DALI_TOLERANCE)))
+    return chosen
+
+
+# ---------------------------------------------------------------- running
+
+
+def machine(note: str | None = None) -> dict[str, object]:
+    """What ran the benchmark: GPU, cores, library versions, date; ``label`` names it in one line."""
+    import transformers
+
+    gpu = env.gpu_name()
+    cores = engines.usable_cpus()
+    label = note or (f"{gpu}, CPU {cores} コア" if gpu else f"GPU なし, CPU {cores} コア")
+    return {
+        "label": label,
+        "gpu": gpu,
+        "cpu_cores_usable": cores,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dali": env.dali_version(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run_variant(variant: Variant, setup: Setup, repeats: int) -> tuple[Timing, torch.Tensor]:
+    """Warm up on a few images, then time ``repeats`` full passes; the probabilities of the last."""
+    warm = Setup(setup.model, setup.paths[: min(len(setup.paths), 2)], setup.texts, 2, setup.num_workers)
+    variant.run(warm)
+    result: list[torch.Tensor] = []
+    timing = measure(
+        lambda: result.append(variant.run(setup)),
+        variant.name,
+        n_items=len(setup.paths),
+        warmup=0,
+        repeats=repeats,
+    )
+    return timing, result[-1]
+
+
+def run_all(setup: Setup, chosen: Sequence[Variant], repeats: int, echo: bool = True) -> list[Outcome]:
+    """Measure every variant and compare its probabilities with the first (the baseline)."""
+    outcomes: list[Outcome] = []
+    baseline: torch.Tensor | None = None
+    for variant in chosen:
+        timing, probs = run_variant(variant, setup, repeats)
+        if baseline is None:
+            baseline = probs
+        diff = float((probs.float() - baseline.float()).abs().max()) if probs.shape == baseline.shape else 1.0
+        outcome = Outcome(variant, timing, diff, diff <= variant.tolerance)
+        outcomes.append(outcome)
+        if echo:
+            mark = "OK" if outcome.correct else "NG"
+            print(
+                f"{variant.name}: {timing.items_per_s:.1f} 画像/秒 (中央値 {timing.seconds:.2f} s),"
+                f" 基準との差 {diff:.1e} ≤ {variant.tolerance:.0e} {mark}",
+                flush=True,
+            )
+    return outcomes
+
+
+def to_markdown(report: Report) -> str:
+    """The report as Markdown: machine, settings, results, correctness, the article's figures."""
+    m, s = report.machine, report.settings
+    lines = [
+        "# helpers.bench",
+        "",
+        f"- マシン: {m['label']} (GPU: {m['gpu'] or 'なし'}, 使える CPU コア: {m['cpu_cores_usable']},"
+        f" torch {m['torch']}, transformers {m['transformers']}, DALI {m['dali'] or 'なし'}, {m['date']})",
+        f"- モデル: {s['model']} / 画像 {s['n_images']} 枚 ({s['images']}) / バッチ {s['batch_size']}"
+        f" / ワーカー {s['num_workers']} / 繰り返し {s['repeats']} 回の中央値",
+        "",
+        report.table().to_markdown(),
+        "",
+        "| 方式 | 基準との確率の差 (最大) | 許容 | 一致 |",
+        "|---|---:|---:|---|",
+    ]
+    for o in report.outcomes:
+        mark = "OK" if o.correct else "NG"
+        lines.append(f"| {o.variant.name} | {o.max_diff:.1e} | {o.variant.tolerance:.0e} | {mark} |")
+    lines += ["", "元記事 (Colab T4、同じ画像 1000 枚のコピー): "]
+    lines.append(", ".join(f"{k} {v} s ({1000 / v:.1f} 画像/秒)" for k, v in ARTICLE_T4_SECONDS.items()))
+    lines += ["", "参考 (H100、1260×750 の JPEG 1000 枚、ランダム重みの ViT-B/16): "]
+    lines.append(", ".join(f"{k} {v:,.0f} 画像/秒" for k, v in REFERENCE_H100_IMAGES_PER_S.items()))
+    return "\n".join(lines) + "\n"
+
+
+def write(report: Report, out: Path) -> list[Path]:
+    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from helpers.plots import throughput_bar
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = report.table()
+    rows = table.rows()
+    data = {
+        "machine": report.machine,
+        "settings": report.settings,
+        "results": [
+            {
+                "key": o.variant.key,
+                **row,
+                "runs": list(o.timing.runs),
+                "max_prob_diff": o.max_diff,
+                "tolerance": o.variant.tolerance,
+                "correct": o.correct,
+            }
+            for o, row in zip(report.outcomes, rows, strict=True)
+        ],
+        "article_t4_seconds_per_1000": ARTICLE_T4_SECONDS,
+        "reference_h100_images_per_s": REFERENCE_H100_IMAGES_PER_S,
+    }
+    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    paths[0].write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    paths[1].write_text(to_markdown(report), encoding="utf-8")
+    fig = throughput_bar(table)
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.bench", description="バッチ推論の方式を、このマシンで測って比べます。"
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto)")
+    which.add_argument(
+        "--arch", choices=["vit-b16-random"], help="vit-b16-random は --model random:vit-b16 と同じ"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, help="この画像フォルダーを使う (既定: 生成したワークロード)")
+    source.add_argument("--n", type=int, help="生成するワークロードの枚数 (既定: env.workload_size())")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader のワーカー数")
+    parser.add_argument("--repeats", type=int, default=None, help="繰り返し回数 (既定: GPU 3、quick 1)")
+    parser.add_argument("--variants", help="測る方式のキーをカンマ区切りで (例: a,b,e)。a は必ず含む")
+    parser.add_argument("--note", help="マシンの呼び名 (例: 'H100, 2 cores, estimate for T4')")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="書き出し先フォルダー")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: measure, print the table, write the three files; exit 1 if a variant disagrees."""
+    args = build_parser().parse_args(argv)
+    model = load_clip("random:vit-b16" if args.arch else args.model)
+    if args.images is not None:
+        paths = list_images(args.images)
+        if not paths:
+            print(f"{args.images} に画像がありません", file=sys.stderr)
+            return 1
+    else:
+        paths = make_workload(args.n or env.workload_size())
+    workers = engines.default_num_workers() if args.workers is None else args.workers
+    texts = [TEMPLATE.format(p.label_ja) for p in sample_photos()]
+    setup = Setup(model, paths, texts, args.batch_size, workers)
+    chosen = variants(model.device)
+    if args.variants:
+        keys = {"a", *args.variants.split(",")}
+        chosen = [v for v in chosen if v.key in keys]
+    repeats = args.repeats or (1 if env.quick_mode() else 3)
+    report = Report(
+        machine(args.note),
+        {
+            "model": model.name,
+            "images": str(args.images) if args.images else "make_workload",
+            "n_images": len(paths),
+            "batch_size": args.batch_size,
+            "num_workers": workers,
+            "repeats": repeats,
+            "amp": str(engines.autocast_dtype(model.device) or "float32"),
+        },
+    )
+    print(f"{report.machine['label']} / {model.name} / {len(paths)} 枚 / {engines.backend_notice()}")
+    try:
+        report.outcomes = run_all(setup, chosen, repeats)
+    except ImageReadError as err:
+        print(f"読めない画像があります: {err} (読める画像だけのフォルダーで測ってください)", file=sys.stderr)
+        return 1
+    print()
+    print(report.table().to_markdown())
+    for path in write(report, args.out):
+        print(f"書き出し: {path}")
+    return 0 if all(o.correct for o in report.outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""NVIDIA DALI pipelines built from a model's :class:`~helpers.models.PreprocessSpec`.
+
+One pipeline reads JPEG/PNG files, decodes them (``device="gpu"``: nvJPEG through the ``mixed``
+decoder, output on the GPU; ``"cpu"``: libjpeg-turbo), resizes, centre-crops or letterboxes and
+normalises them exactly the way the model's own processor does, and hands float32
+``[B, 3, size, size]`` batches to PyTorch::
+
+    pipe = build_pipeline(files, model.preprocess_spec, batch_size=64, device=default_device())
+    for batch in DALIGenericIterator(pipe, OUTPUT_MAP, reader_name=READER_NAME,
+                                     last_batch_policy=LastBatchPolicy.PARTIAL):
+        pixels, positions = batch[0]["pixels"], batch[0]["labels"]   # labels: [B, 1]
+
+:func:`iter_preprocessed` is the robust form for folders of arbitrary files (used by
+``helpers.engines``): every file gets its pixels or its own error, odd files go through PIL.
+
+Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is exact
+(the same integer sizes, crop offsets and letterbox offsets, computed per sample inside the
+pipeline from the decoded shape); DALI's CPU JPEG decoder gives the same pixels as PIL
+(libjpeg-turbo both); only the resize filters differ: measured on the sample photos, a mean
+absolute difference of 0.10-0.15 grey levels (of 255), fewer than 0.5 % of values off by more
+than 2 levels, at most 6-16 levels at sharp edges (more for stronger shrinking). The GPU decoder
+(nvJPEG) may differ from libjpeg-turbo by a few levels more (not measured here).
+
+DALI is optional: importing this module does not import DALI; the functions that need it raise
+:class:`DaliUnavailableError` with the fix. A machine without a GPU runs ``device="cpu"``
+pipelines only (``device_id=None``); :func:`default_device` picks the right one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from PIL import Image
+
+from helpers import data, env
+from helpers.models import PreprocessSpec, preprocess_with_spec
+
+if TYPE_CHECKING:
+    from nvidia.dali.data_node import DataNode
+    from nvidia.dali.pipeline import Pipeline
+
+__all__ = [
+    "DALI_FORMATS",
+    "DALI_MODES",
+    "OUTPUT_MAP",
+    "READER_NAME",
+    "DaliUnavailableError",
+    "Device",
+    "FileSource",
+    "available",
+    "build_pipeline",
+    "decode_and_preprocess",
+    "default_device",
+    "iter_preprocessed",
+    "preprocess_images",
+    "route",
+]
+
+Device = Literal["cpu", "gpu"]
+
+READER_NAME = "Reader"
+"""The name of the file reader in :func:`build_pipeline` (for ``DALIGenericIterator(reader_name=...)``)."""
+OUTPUT_MAP = ["pixels", "labels"]
+"""The outputs of :func:`build_pipeline`, in order (for ``DALIGenericIterator``)."""
+
+DALI_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG"})
+"""File formats (as PIL names them) that :func:`iter_preprocessed` gives to DALI; the rest go to PIL."""
+DALI_MODES: frozenset[str] = frozenset({"RGB", "L"})
+"""PIL modes DALI decodes the way ``helpers.data.open_image`` does (CMYK, 16-bit, palette and
+alpha go through PIL, which converts them by the course's rules)."""
+
+HW_DECODER_LOAD = 0.65
+"""DALI's default share of JPEG work for the hardware decoder (A100/H100; T4 has none)."""
+
+_TAIL_BYTES = 4096
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND"
+
+
+class DaliUnavailableError(RuntimeError):
+    """DALI cannot be used here (not installed, or a GPU pipeline on a machine without a GPU)."""
+
+
+def available() -> bool:
+    """True when NVIDIA DALI imports here (CPU pipelines work; GPU ones also need :func:`env.dali_gpu_ok`)."""
+    return env.dali_version() is not None
+
+
+def default_device() -> Device:
+    """``"gpu"`` when DALI can run GPU (``mixed``) pipelines here, else ``"cpu"``."""
+    return "gpu" if env.dali_gpu_ok() else "cpu"
+
+
+def _require(device: str) -> None:
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f'device must be "cpu" or "gpu", got {device!r}')
+    if not available():
+        raise DaliUnavailableError(
+            "NVIDIA DALI を import できません: `pip install nvidia-dali-cuda120` で入れてください"
+            " (または DataLoader の経路を使ってください)。"
+        )
+    if device == "gpu" and not env.cuda_available():
+        raise DaliUnavailableError(
+            'GPU がないので DALI の "gpu" パイプライン (mixed デコーダー) は動きません:'
+            ' device="cpu" を使ってください (helpers.dali.default_device() が選びます)。'
+        )
+
+
+# ---------------------------------------------------------------- the graph
+
+
+def _interp(spec: PreprocessSpec) -> Any:
+    import nvidia.dali.types as types
+
+    return types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
+
+
+def preprocess_images(images: DataNode, spec: PreprocessSpec) -> DataNode:
+    """Decoded HWC uint8 RGB ``images`` (CPU or GPU) → float32 CHW ``spec.size`` squares, like PIL.
+
+    Call inside a pipeline definition. The resize sizes are computed per sample from the decoded
+    shape with integer arithmetic, so they equal :func:`helpers.models.preprocess_with_spec`'s;
+    the crop/letterbox window is centred with the same (floor) offsets (``rounding="truncate"``)
+    and the letterbox is filled with ``spec.pad_value`` (given to DALI in normalised units).
+    Mean and std are on the 0-1 scale in ``spec``; DALI works on 0-255, hence the ``* 255``.
+    Known gap: with ``resize_size < size`` on a "shorter" spec the crop may sit 1 pixel off.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    shape = images.shape()  # [H, W, C] per sample, on the CPU even for GPU images
+    height, width = shape[0], shape[1]
+    target = spec.target
+    if spec.resize == "shorter":  # like int(target * long / short)
+        short = dmath.min(height, width)
+        new_w, new_h = (target * width) // short, (target * height) // short
+    elif spec.resize == "longer":  # like round(side * target / long), at least 1
+        long = dmath.max(height, width)
+        new_w = dmath.max((2 * target * width + long) // (2 * long), 1)
+        new_h = dmath.max((2 * target * height + long) // (2 * long), 1)
+    elif spec.resize == "squash":
+        new_w = new_h = None
+    else:
+        raise ValueError(f"unknown resize rule {spec.resize!r}")
+    if new_w is None:
+        resized = fn.resize(
+            images, resize_x=spec.size, resize_y=spec.size, interp_type=_interp(spec), antialias=True
+        )
+    else:
+        resized = fn.resize(
+            images,
+            resize_x=fn.cast(new_w, dtype=types.FLOAT),
+            resize_y=fn.cast(new_h, dtype=types.FLOAT),
+            interp_type=_interp(spec),
+            antialias=True,  # PIL's resize filters also widen when shrinking
+        )
+    fill = round(spec.pad_value * 255) / 255  # PIL pads with an 8-bit grey level
+    return fn.crop_mirror_normalize(
+        resized,
+        crop=(spec.size, spec.size),
+        rounding="truncate",  # floor offsets, like PIL's (W - size) // 2
+        out_of_bounds_policy="pad",  # letterbox: the window is larger than the picture
+        fill_values=[(fill - m) / s for m, s in zip(spec.mean, spec.std, strict=True)],
+        mean=[m * 255 for m in spec.mean],
+        std=[s * 255 for s in spec.std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+
+
+def decode_and_preprocess(
+    encoded: DataNode,
+    spec: PreprocessSpec,
+    device: Device = "cpu",
+    hw_decoder_load: float = HW_DECODER_LOAD,
+    fancy_upsampling: bool = True,
+) -> DataNode:
+    """Encoded files → decoded RGB (``mixed`` on the GPU, else CPU) → :func:`preprocess_images`.
+
+    EXIF orientation is applied by the decoder (``adjust_orientation``, on by default), as
+    ``helpers.data.open_image`` does. ``fancy_upsampling`` makes nvJPEG upsample chroma the way
+    libjpeg-turbo (and so PIL) does; ``hw_decoder_load`` only matters on GPUs with a hardware
+    JPEG decoder (A100, H100; not T4).
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if device == "gpu":
+        images = fn.decoders.image(
+            encoded,
+            device="mixed",
+            output_type=types.RGB,
+            hw_decoder_load=hw_decoder_load,
+            jpeg_fancy_upsampling=fancy_upsampling,
+        )
+    else:
+        images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+    return preprocess_images(images, spec)
+
+
+def build_pipeline(
+    source: str | Path | Sequence[str | Path],
+    spec: PreprocessSpec,
+    batch_size: int,
+    device: Device = "cpu",
+    *,
+    labels: Sequence[int] | None = None,
+    num_threads: int = 2,
+    prefetch_queue_depth: int = 2,
+    hw_decoder_load: float = HW_DECODER_LOAD,
+    fancy_upsampling: bool = True,
+    **pipeline_options: Any,
+) -> Pipeline:
+    """A DALI pipeline: ``fn.readers.file`` → decode → resize/crop/pad → normalise, outputs ``OUTPUT_MAP``.
+
+    ``source``: a list of files (labels: ``labels``, default their positions 0, 1, ...), or a
+    folder (DALI's ``file_root`` mode: one sub-folder per class, labelled in sorted order; files
+    directly in the folder are ignored). The reader is named :data:`READER_NAME`, keeps the
+    order (no shuffling) and gives labels as int32 ``[B, 1]``. ``device="gpu"`` decodes with the
+    ``mixed`` decoder on the current CUDA device and returns GPU tensors; ``"cpu"`` runs every
+    operator on the CPU with ``device_id=None`` (works without a GPU). ``num_threads`` CPU
+    threads decode and resize; ``prefetch_queue_depth`` batches are prepared ahead.
+    ``pipeline_options`` go to the ``Pipeline`` (e.g. ``exec_async=False, exec_pipelined=False``
+    for a pipeline that works only when asked, with no overlap).
+    """
+    _require(device)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    reader_args: dict[str, Any] = {"name": READER_NAME, "random_shuffle": False}
+    if isinstance(source, str | Path):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"画像フォルダーが見つかりません: {folder}")
+        reader_args["file_root"] = str(folder)
+    else:
+        files = [str(p) for p in source]
+        if not files:
+            raise ValueError("no files given")
+        reader_args["files"] = files
+        if labels is not None:
+            if len(labels) != len(files):
+                raise ValueError("labels and files differ in length")
+            reader_args["labels"] = [int(x) for x in labels]
+    device_id = torch.cuda.current_device() if device == "gpu" else None
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch_queue_depth,
+        seed=0,
+        **pipeline_options,
+    )
+    def clip_pipeline():
+        encoded, file_labels = fn.readers.file(**reader_args)
+        pixels = decode_and_preprocess(encoded, spec, device, hw_decoder_load, fancy_upsampling)
+        return pixels, file_labels
+
+    return clip_pipeline()
+
+
+# ---------------------------------------------------------------- a picklable per-sample source
+
+
+class FileSource:
+    """A per-sample ``fn.external_source`` callback: sample ``i`` → (file bytes, ``[i]`` as int32).
+
+    Picklable (a module-level class holding only paths), so it works with ``parallel=True`` and
+    ``py_start_method="spawn"``. A per-sample source only ever makes **full** batches: the epoch
+    ends at the first sample that raises ``StopIteration`` and a partial last batch is dropped.
+    Give ``batch_size`` to pad the epoch to a multiple of it with copies of the last file whose
+    position is ``-1`` (drop those), so that every file comes through.
+    """
+
+    def __init__(self, files: Sequence[str | Path], batch_size: int | None = None) -> None:
+        self.files = [str(p) for p in files]
+        n = len(self.files)
+        self.length = n if not batch_size or n == 0 else -(-n // batch_size) * batch_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __call__(self, sample_info: Any) -> tuple[Any, Any]:
+        import numpy as np
+
+        i = sample_info.idx_in_epoch
+        if i >= self.length:
+            raise StopIteration
+        position = i if i < len(self.files) else -1
+        encoded = np.fromfile(self.files[min(i, len(self.files) - 1)], dtype=np.uint8)
+        return encoded, np.array([position], dtype=np.int32)
+
+
+# ---------------------------------------------------------------- robust iteration over arbitrary files
+
+
+def route(path: str | Path) -> Literal["dali", "pil"]:
+    """Where :func:`iter_preprocessed` decodes ``path``: ``"dali"`` or ``"pil"``, from a cheap header check.
+
+    DALI gets complete 8-bit RGB/grayscale JPEG and PNG files within ``helpers.data.MAX_PIXELS``.
+    Everything else goes to PIL (``helpers.data.open_image``), which converts odd modes (CMYK,
+    16-bit, palette, alpha) by the course's rules and reports unreadable files with its reason:
+    empty, not an image, too large, truncated (no end marker in the last bytes).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                fmt, mode, (width, height) = image.format, image.mode, image.size
+        if fmt not in DALI_FORMATS or mode not in DALI_MODES or width * height > data.MAX_PIXELS:
+            return "pil"
+        bits = 8
+        with open(path, "rb") as handle:
+            if fmt == "PNG":
+                handle.seek(24)
+                bits = handle.read(1)[0]  # IHDR bit depth: 16-bit RGB PNGs open as "RGB" in PIL
+            handle.seek(max(0, path.stat().st_size - _TAIL_BYTES))
+            tail = handle.read()
+    except Exception:  # unreadable for PIL too: open_image will say why
+        return "pil"
+    end = _JPEG_END if fmt == "JPEG" else _PNG_END
+    return "dali" if bits == 8 and end in tail else "pil"
+
+
+def _pil_row(path: Path, spec: PreprocessSpec) -> torch.Tensor:
+    image = data.open_image(path, max_pixels=data.MAX_PIXELS)
+    return preprocess_with_spec(image, spec)[0]
+
+
+def _dali_rows(
+    paths: Sequence[Path],
+    positions: list[int],
+    spec: PreprocessSpec,
+    batch_size: int,
+    device: Device,
+    num_threads: int,
+) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """(position, pixels [3, H, W]) for each of ``positions``, in order; ``None`` when DALI failed.
+
+    When a batch fails (a file DALI cannot decode after all), its files come back as ``None``
+    (the caller decodes them with PIL, one by one) and a fresh pipeline continues with the rest.
+    """
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    remaining = list(positions)
+    while remaining:
+        done = 0
+        try:
+            pipe = build_pipeline(
+                [paths[i] for i in remaining],
+                spec,
+                batch_size,
+                device,
+                labels=remaining,
+                num_threads=num_threads,
+            )
+            batches = DALIGenericIterator(
+                pipe, OUTPUT_MAP, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL
+            )
+            for batch in batches:
+                # a copy: the rows may outlive this pipeline (DALI's tensors are shared, not copied)
+                pixels, labels = batch[0]["pixels"].clone(), batch[0]["labels"].view(-1).tolist()
+                for row, position in enumerate(labels):
+                    yield int(position), pixels[row]
+                done += len(labels)
+            remaining = []
+        except DaliUnavailableError:
+            raise
+        except RuntimeError:  # DALI's "Critical error in pipeline": this batch goes to PIL
+            failed, remaining = remaining[done : done + batch_size], remaining[done + batch_size :]
+            for position in failed:
+                yield position, None
+        finally:
+            batches = pipe = None
+
+
+def iter_preprocessed(
+    paths: Sequence[Path],
+    spec: PreprocessSpec,
+    batch_size: int,
+    device: Device,
+    num_threads: int = 2,
+) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
+    """Preprocess ``paths`` with DALI in batches: yields ``(indices, pixels, errors)``.
+
+    Yield ``k`` covers the positions ``k * batch_size`` ... ``(k + 1) * batch_size - 1`` of
+    ``paths``: ``indices`` lists (ascending) those whose pixels are in ``pixels`` (float32
+    ``[len(indices), 3, size, size]``, normalised like the model's processor; on the GPU when
+    ``device="gpu"``, else on the CPU) and ``errors`` maps each of the others to a short reason
+    (the same one ``helpers.data.open_image`` gives). Every position appears exactly once.
+
+    Files pass a cheap header check first (:func:`route`): complete 8-bit RGB/grey JPEG and PNG
+    go to a DALI pipeline; odd ones (CMYK, 16-bit, palette, alpha, other formats) and broken
+    ones go through PIL and :func:`helpers.models.preprocess_with_spec`. If DALI still fails on a
+    batch, that batch is redone with PIL file by file, so one bad file never takes others down.
+    """
+    _require(device)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    paths = [Path(p) for p in paths]
+    target = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+    routes = [route(p) for p in paths]
+    on_dali = [i for i, r in enumerate(routes) if r == "dali"]
+    stream = _dali_rows(paths, on_dali, spec, batch_size, device, num_threads)
+    try:
+        yield from _assemble(paths, routes, stream, spec, batch_size, target)
+    finally:
+        stream.close()  # releases the pipeline now, not when the garbage collector gets to it
+
+
+def _assemble(
+    paths: list[Path],
+    routes: list[str],
+    stream: Iterator[tuple[int, torch.Tensor | None]],
+    spec: PreprocessSpec,
+    batch_size: int,
+    target: torch.device,
+) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
+    """Group DALI rows and PIL fallbacks into the batches :func:`iter_preprocessed` yields."""
+    pending: dict[int, torch.Tensor | None] = {}
+    for start in range(0, len(paths), batch_size):
+        chunk = range(start, min(start + batch_size, len(paths)))
+        wanted = [i for i in chunk if routes[i] == "dali"]
+        while any(i not in pending for i in wanted):
+            position, pixels = next(stream)
+            pending[position] = pixels
+        rows: dict[int, torch.Tensor] = {}
+        errors: dict[int, str] = {}
+        for i in chunk:
+            pixels = pending.pop(i, None)
+            if pixels is None:
+                try:
+                    pixels = _pil_row(paths[i], spec).to(target)
+                except data.ImageReadError as err:
+                    errors[i] = err.reason
+                    continue
+            rows[i] = pixels
+        indices = sorted(rows)
+        batch = (
+            torch.stack([rows[i] for i in indices])
+            if indices
+            else torch.empty((0, 3, spec.size, spec.size), dtype=torch.float32, device=target)
+        )
+        yield indices, batch, errors

@@ -1,0 +1,71 @@
+"""``python -m helpers.bench``: runs on the CPU, writes JSON + Markdown + PNG, every variant correct."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from helpers import bench
+
+
+def test_bench_writes_three_files_and_every_variant_agrees(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench"
+    code = bench.main(["--n", "8", "--model", "embedded", "--out", str(out), "--batch-size", "4"])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    keys = [row["key"] for row in report["results"]]
+    assert keys[:5] == ["a", "b", "c", "d", "e"]
+    assert all(row["correct"] for row in report["results"]), report["results"]
+    assert all(row["items"] == 8 and row["items_per_s"] > 0 for row in report["results"])
+    assert report["results"][0]["speedup"] == 1.0
+    machine = report["machine"]
+    assert {"gpu", "cpu_cores_usable", "torch", "transformers", "dali", "date"} <= set(machine)
+    assert report["settings"]["model"] == "embedded" and report["settings"]["n_images"] == 8
+    markdown = (out / "bench.md").read_text(encoding="utf-8")
+    assert "a. 1 枚ずつ" in markdown and "30.5" in markdown
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "基準比" in printed and "bench.json" in printed
+
+
+def test_arch_is_a_spelling_of_the_random_model(monkeypatch, tmp_path: Path) -> None:
+    asked = []
+
+    def fake_load(name=None):
+        asked.append(name)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "load_clip", fake_load)
+    for argv in (["--arch", "vit-b16-random"], ["--model", "random:vit-b16"]):
+        with pytest.raises(SystemExit):
+            bench.main([*argv, "--out", str(tmp_path)])
+    assert asked == ["random:vit-b16", "random:vit-b16"]
+    with pytest.raises(SystemExit):
+        bench.main(["--arch", "vit-b16-random", "--model", "embedded"])  # one or the other
+
+
+def test_a_variant_that_disagrees_fails_the_run(monkeypatch, tmp_path: Path) -> None:
+    real = bench.variants
+
+    def with_a_wrong_one(device):
+        chosen = real(device)[:2]
+        wrong = bench.Variant("x", "x. 間違い", lambda s: bench.per_image(s).roll(1, dims=1))
+        return [*chosen, wrong]
+
+    monkeypatch.setattr(bench, "variants", with_a_wrong_one)
+    code = bench.main(["--n", "4", "--model", "embedded", "--out", str(tmp_path), "--variants", "b,x"])
+    assert code == 1
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert [row["correct"] for row in report["results"]] == [True, True, False]
+
+
+def test_an_unreadable_image_is_named(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"")
+    code = bench.main(["--images", str(folder), "--model", "embedded", "--out", str(tmp_path / "out")])
+    assert code == 1 and "b.jpg" in capsys.readouterr().err
