@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 PORT ?= 8888
 
-.PHONY: venv test test-unit test-notebooks lint run lab clean
+.PHONY: venv test test-unit test-notebooks lint run lab clean test-colab
 
 venv: $(STAMP)
 
@@ -29,6 +29,26 @@ test-unit: venv
 
 test-notebooks: venv
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=900 notebooks
+
+## make test-colab: the Colab set-up cell and the no-extras notebooks, run the way Colab runs them,
+## in .venv-colab (Colab's versions, tests/colab/constraints.txt), plus the data and model-layer unit tests
+COLAB_VENV := .venv-colab
+COLAB_STAMP := $(COLAB_VENV)/.installed-constraints
+COLAB_CONSTRAINTS := tests/colab/constraints.txt
+COLAB_UNIT_TESTS := $(wildcard tests/test_data.py tests/test_models.py tests/test_tiny_clip.py)
+# 05 (torch.jit/compile/export, ~4 min) depends on the torch build, which cannot match Colab's here;
+# `make test-colab COLAB_SKIP=` runs it too
+COLAB_SKIP ?= 05
+
+$(COLAB_STAMP): $(COLAB_CONSTRAINTS)
+	rm -rf $(COLAB_VENV)
+	$(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(COLAB_CONSTRAINTS)
+	@cp $(COLAB_CONSTRAINTS) $(COLAB_STAMP)
+
+test-colab: $(COLAB_STAMP)
+	COLAB_PARITY=1 COLAB_PARITY_SKIP="$(COLAB_SKIP)" $(COLAB_VENV)/bin/python -m pytest --durations=5 \
+		tests/colab $(COLAB_UNIT_TESTS)
 
 ## make run: execute every notebook in order, headless; executed copies and a summary under build/
 run: venv

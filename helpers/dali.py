@@ -182,8 +182,9 @@ def decode_and_preprocess(
 ) -> DataNode:
     """Encoded files → decoded RGB (``mixed`` on the GPU, else CPU) → :func:`preprocess_images`.
 
-    EXIF orientation is applied by the decoder (``adjust_orientation``, on by default), as
-    ``helpers.data.open_image`` does. ``fancy_upsampling`` makes nvJPEG upsample chroma the way
+    EXIF orientation: recent DALI releases apply it in the decoder (``adjust_orientation``), older
+    ones do not, so :func:`iter_preprocessed` sends EXIF-rotated files to PIL (see :func:`route`)
+    and the pipeline only ever sees upright files. ``fancy_upsampling`` makes nvJPEG upsample chroma the way
     libjpeg-turbo (and so PIL) does; ``hw_decoder_load`` only matters on GPUs with a hardware
     JPEG decoder (A100, H100; not T4).
     """
@@ -302,12 +303,15 @@ class FileSource:
 # ---------------------------------------------------------------- robust iteration over arbitrary files
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def route(path: str | Path) -> Literal["dali", "pil"]:
     """Where :func:`iter_preprocessed` decodes ``path``: ``"dali"`` or ``"pil"``, from a cheap header check.
 
     DALI gets complete 8-bit RGB/grayscale JPEG and PNG files within ``helpers.data.MAX_PIXELS``.
     Everything else goes to PIL (``helpers.data.open_image``), which converts odd modes (CMYK,
-    16-bit, palette, alpha) by the course's rules and reports unreadable files with its reason:
+    16-bit, palette, alpha), turns EXIF-rotated photos upright, and reports unreadable files with its reason:
     empty, not an image, too large, truncated (no end marker in the last bytes).
     """
     path = Path(path)
@@ -316,7 +320,10 @@ def route(path: str | Path) -> Literal["dali", "pil"]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 fmt, mode, (width, height) = image.format, image.mode, image.size
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         if fmt not in DALI_FORMATS or mode not in DALI_MODES or width * height > data.MAX_PIXELS:
+            return "pil"
+        if orientation not in (None, 1):  # rotated by EXIF: DALI applies it only in some versions
             return "pil"
         bits = 8
         with open(path, "rb") as handle:

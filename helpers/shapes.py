@@ -110,7 +110,7 @@ def draw_shape(label: str, rng: np.random.Generator | int, size: int = 64) -> Im
         img = img * (1 - 0.5 * edge)
     if noise_std > 0:
         img = img + np.random.default_rng(noise_seed).normal(0, noise_std, size=img.shape)
-    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))  # uint8 HxWx3 → "RGB"
 
 
 def make_dataset(

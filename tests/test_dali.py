@@ -188,9 +188,8 @@ def test_routes(odd_folder: dict[str, Path], monkeypatch: pytest.MonkeyPatch) ->
         "good2.jpg",
         "gray.jpg",
         "plain.png",
-        "rotated.jpg",
         "one.jpg",
-    }
+    }  # rotated.jpg goes to PIL: DALI applies EXIF orientation only in some releases
 
 
 def test_iter_preprocessed_accounts_for_every_file(
@@ -226,7 +225,7 @@ def test_iter_preprocessed_accounts_for_every_file(
 def test_exif_rotation_matches_pil(odd_folder: dict[str, Path]) -> None:
     spec = PreprocessSpec(64, "longer", "bicubic", CLIP_MEAN, CLIP_STD)  # the letterbox shows the turn
     path = odd_folder["rotated.jpg"]
-    assert dali.route(path) == "dali"
+    assert dali.route(path) == "pil"
     [(indices, pixels, errors)] = list(dali.iter_preprocessed([path], spec, 2, "cpu"))
     assert indices == [0] and not errors
     upright = preprocess_with_spec(data.open_image(path), spec)
