@@ -165,3 +165,18 @@ def test_jupyterlab_serves_lab(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_readme_links_every_notebook_with_a_badge() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    config = nbtool.load_config()
+    for path in NOTEBOOKS:
+        assert f"(notebooks/{path.name})" in readme, path.name
+        assert nbtool.render_badge(path.name, config["slug"], config["ref"]) in readme, path.name
+
+
+def test_instructor_guide_has_a_timed_plan() -> None:
+    guide = (REPO_ROOT / "notebooks" / "INSTRUCTOR.md").read_text(encoding="utf-8")
+    assert "## 時間割" in guide and "0:00" in guide and "3:00" in guide
+    for path in NOTEBOOKS:
+        assert path.name[:2] in guide, f"INSTRUCTOR.md does not mention notebook {path.name[:2]}"

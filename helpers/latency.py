@@ -1,0 +1,128 @@
+"""Latency distributions: time every call on its own, then read percentiles and draw a histogram.
+
+``helpers.timing`` answers "how fast on average?" with a median; this module answers "how slow can
+one call be?": the first call, p90/p99 and the worst call, which a median hides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from torch.utils.benchmark.utils.timer import timer as clock  # waits for the GPU before reading
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PERCENTILES: tuple[int, ...] = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-call wall times of one variant, in call order (seconds)."""
+
+    name: str
+    samples: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise ValueError("a Latency needs at least one sample")
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0–100) of the samples, in seconds (linear interpolation)."""
+        return float(np.percentile(self.samples, q))
+
+    @property
+    def first(self) -> float:
+        """The first call (the one that pays for lazy initialisation and compilation)."""
+        return self.samples[0]
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def worst(self) -> float:
+        return max(self.samples)
+
+    def steady(self, skip: int) -> Latency:
+        """The same variant without its first ``skip`` calls (the warm-up)."""
+        if not 0 <= skip < len(self.samples):
+            raise ValueError(f"skip must be in [0, {len(self.samples)}), got {skip}")
+        return Latency(self.name, self.samples[skip:])
+
+    def row(self) -> dict[str, float | int | str]:
+        """Name, number of calls, p50/p90/p99/max in milliseconds and max/p50."""
+        row: dict[str, float | int | str] = {"name": self.name, "calls": len(self.samples)}
+        for q in PERCENTILES:
+            row[f"p{q}_ms"] = self.percentile(q) * 1e3
+        row["max_ms"] = self.worst * 1e3
+        row["max_over_p50"] = self.worst / self.p50 if self.p50 > 0 else float("inf")
+        return row
+
+
+def time_calls(fn: Callable[[], object], n: int, name: str = "", max_seconds: float | None = None) -> Latency:
+    """Call ``fn()`` ``n`` times and time each call separately (no warm-up: call 1 is the first).
+
+    With ``max_seconds``, stop early once the timed calls add up to that much (at least one call
+    is always made), so a pathologically slow variant cannot stall a notebook.
+    The clock is ``torch.utils.benchmark``'s: with CUDA it synchronises before each reading, so a
+    call's time includes its GPU work.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    samples: list[float] = []
+    for _ in range(n):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+        if max_seconds is not None and sum(samples) >= max_seconds:
+            break
+    return Latency(name, tuple(samples))
+
+
+def to_markdown(latencies: Sequence[Latency]) -> str:
+    """A Markdown table (Japanese headers): calls, p50, p90, p99, max and max/p50 per variant."""
+    lines = [
+        "| 方式 | 回数 | p50 (ms) | p90 (ms) | p99 (ms) | 最大 (ms) | 最大/p50 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lat in latencies:
+        r = lat.row()
+        lines.append(
+            f"| {r['name']} | {r['calls']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} | {r['max_ms']:.3f} | {r['max_over_p50']:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+def histogram(latencies: Sequence[Latency], title: str = "", bins: int = 40) -> Figure:
+    """Overlaid histograms of per-call latency (ms, log-scaled x axis), p50 and p99 marked per variant."""
+    import matplotlib.pyplot as plt
+
+    from helpers.plots import setup_japanese
+
+    setup_japanese()
+    all_ms = np.concatenate([np.asarray(lat.samples) * 1e3 for lat in latencies])
+    low, high = float(all_ms.min()), float(all_ms.max())
+    edges = np.geomspace(low * 0.95, high * 1.05, bins + 1) if high > low > 0 else bins
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, lat in enumerate(latencies):
+        color = f"C{i}"
+        ax.hist(
+            np.asarray(lat.samples) * 1e3, bins=edges, histtype="step", lw=1.8, color=color, label=lat.name
+        )
+        ax.axvline(lat.p50 * 1e3, color=color, ls="-", lw=0.8, alpha=0.7)
+        ax.axvline(lat.percentile(99) * 1e3, color=color, ls="--", lw=0.8, alpha=0.7)
+    if high > low > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel("1 回の呼び出しの時間 (ms, 対数軸)   実線: p50, 破線: p99")
+    ax.set_ylabel("回数")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
