@@ -1,0 +1,373 @@
+"""``python -m helpers.classify``: zero-shot classification of a folder of images into a CSV.
+
+Example::
+
+    python -m helpers.classify photos/ --labels 犬,猫,象 --template "{}の写真" --out results.csv
+
+One CSV row per image file, in sorted path order: ``path`` (relative to the folder, ``/``
+separators), ``status`` (``ok``/``error``), ``label_1``, ``prob_1`` … ``label_k``, ``prob_k`` and
+``error`` (the reason, for errors). Probabilities are softmax(logit scale × cosine similarity of
+L2-normalised features), as notebook 01 teaches. Rows are written as batches finish, so an
+interrupted run keeps its work and ``--resume`` carries on. Exit status: 0 when every file is
+ok, 2 when some files had errors (all rows still written), 1 on usage or model errors.
+
+``--engine ray`` runs the same job on Ray Data (:mod:`helpers.engines_ray`): embedded on this
+machine, or on the cluster at ``--ray-address`` (else ``$RAY_ADDRESS``, read only with
+``--engine ray``); same CSV, same exit statuses. ``--embeddings OUT.parquet`` also writes the
+image embeddings (:mod:`helpers.embeddings`), searchable with ``python -m helpers.search``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers import embeddings, engines
+from helpers.data import is_image_file
+from helpers.engines import Record
+
+NONE_LABEL = "none"
+"""``label_1`` of an image whose best raw cosine similarity is below ``--min-score``."""
+
+
+class UsageError(Exception):
+    """Bad arguments or inputs: reported in one line, exit status 1."""
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The files to classify and what was passed over."""
+
+    root: Path
+    files: list[Path]
+    skipped: int
+    """Files in the folder that are not images by their extension."""
+
+
+def find_inputs(root: Path, recursive: bool = False) -> Inputs:
+    """Image files under ``root`` (sub-folders only when ``recursive``), sorted by relative path."""
+    if not root.is_dir():
+        raise UsageError(f"画像フォルダーが見つかりません: {root}")
+    entries = root.rglob("*") if recursive else root.iterdir()
+    files, skipped = [], 0
+    for entry in entries:
+        if entry.is_dir():
+            continue
+        if is_image_file(entry):
+            files.append(entry)
+        else:
+            skipped += 1
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return Inputs(root, files, skipped)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (0-based) → ``(I, N)``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard は I/N の形で指定してください (0 始まり): {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text}: 0 <= I < N が必要です")
+    return index, count
+
+
+def shard(files: Sequence[Path], index: int, count: int) -> list[Path]:
+    """The ``index``-th of ``count`` contiguous, disjoint slices of ``files`` that together cover it."""
+    size, extra = divmod(len(files), count)
+    start = index * size + min(index, extra)
+    return list(files[start : start + size + (1 if index < extra else 0)])
+
+
+def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    """Labels from ``--labels a,b,c`` (comma or 、) and/or ``--labels-file`` (one per line)."""
+    found: list[str] = []
+    if labels:
+        found += [part.strip() for part in labels.replace("、", ",").split(",")]
+    if labels_file is not None:
+        try:
+            found += [line.strip() for line in labels_file.read_text(encoding="utf-8").splitlines()]
+        except OSError as err:
+            raise UsageError(f"ラベルファイルを読めません: {labels_file} ({err.strerror})") from None
+    found = [label for label in found if label and not label.startswith("#")]
+    if not found:
+        raise UsageError("ラベルがありません: --labels 犬,猫,象 または --labels-file で指定してください")
+    duplicates = sorted({label for label in found if found.count(label) > 1})
+    if duplicates:
+        raise UsageError(f"ラベルが重複しています: {', '.join(duplicates)}")
+    return found
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """Each template must contain ``{}`` once."""
+    for template in templates:
+        if template.count("{}") != 1:
+            raise UsageError(f"テンプレートには {{}} をちょうど 1 つ入れてください: {template!r}")
+    return list(templates)
+
+
+# ---------------------------------------------------------------- the CSV and its sidecar
+
+
+def csv_header(top_k: int) -> list[str]:
+    """``path, status, label_1, prob_1, …, label_k, prob_k, error``."""
+    columns = ["path", "status"]
+    for i in range(1, top_k + 1):
+        columns += [f"label_{i}", f"prob_{i}"]
+    return [*columns, "error"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the answers depend on; ``--resume`` refuses a CSV made with other settings."""
+
+    labels: list[str]
+    templates: list[str]
+    model: str
+    model_fingerprint: str
+    top_k: int
+    min_score: float | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def comparable(self) -> dict[str, object]:
+        """The fields that must match for a resume."""
+        data = asdict(self)
+        data.pop("extra")
+        return data
+
+
+def sidecar_path(out: Path) -> Path:
+    """``results.csv`` → ``results.csv.json``."""
+    return out.with_name(out.name + ".json")
+
+
+def rows_done(out: Path, settings: RunSettings) -> dict[str, dict[str, str]]:
+    """Rows already in ``out`` (by path) when resuming; refuses different settings."""
+    side = sidecar_path(out)
+    if not out.exists():
+        return {}
+    if not side.exists():
+        raise UsageError(
+            f"{out} の設定ファイル {side.name} がないので再開できません (--resume を外すか別の --out に)"
+        )
+    saved = json.loads(side.read_text(encoding="utf-8"))
+    for key, value in settings.comparable().items():
+        if saved.get(key) != value:
+            raise UsageError(
+                f"--resume できません: {key} が前回と違います (前回 {saved.get(key)!r}, 今回 {value!r})。"
+                " 同じ設定で実行するか、別の --out に書いてください"
+            )
+    with open(out, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != csv_header(settings.top_k):
+            raise UsageError(f"--resume できません: {out} の列が今回の --top-k と合いません")
+        # A row cut short by an interruption (no valid status) counts as not done.
+        return {
+            row["path"]: row for row in reader if row.get("path") and row.get("status") in {"ok", "error"}
+        }
+
+
+def _row(
+    relative: str, record: Record, classifier: torch.Tensor, settings: RunSettings, scale: float
+) -> dict:
+    row: dict[str, object] = {"path": relative, "status": record.status, "error": record.error}
+    if record.status != "ok":
+        return row
+    if (
+        settings.min_score is not None
+        and float((record.embedding.float() @ classifier.T).max()) < settings.min_score
+    ):
+        row["label_1"] = NONE_LABEL
+        return row
+    probs = engines.zero_shot_probs(record.embedding[None], classifier, scale)[0]
+    top = probs.topk(min(settings.top_k, len(settings.labels)))
+    for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
+        row[f"label_{rank}"] = settings.labels[i]
+        row[f"prob_{rank}"] = f"{p:.4f}"
+    return row
+
+
+# ---------------------------------------------------------------- the command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.classify",
+        description="画像フォルダーを日本語 CLIP でゼロショット分類し、CSV に書き出します。",
+    )
+    parser.add_argument("images_dir", type=Path, help="画像のフォルダー")
+    parser.add_argument("--labels", help="カンマ区切りのラベル (例: 犬,猫,象)")
+    parser.add_argument("--labels-file", type=Path, help="1 行に 1 ラベルのファイル (# で始まる行は無視)")
+    parser.add_argument(
+        "--template", action="append", help="ラベルを埋め込む文 (繰り返すとアンサンブル、既定: {})"
+    )
+    parser.add_argument("--model", help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--backend", choices=["auto", "dataloader", "dali"], default="auto")
+    parser.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="処理を走らせる場所 (ray: Ray Data)"
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="--engine ray で参加する Ray クラスター (既定: $RAY_ADDRESS、なければこのマシンで起動)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="DataLoader のワーカー数 (--engine ray では前処理タスク数)"
+    )
+    parser.add_argument("--embeddings", help="画像の埋め込みも Parquet に書く (helpers.search で検索できる)")
+    parser.add_argument("--out", type=Path, default=Path("results.csv"))
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--recursive", action="store_true", help="サブフォルダーも含める")
+    parser.add_argument("--shard", default="0/1", help="I/N: ソート順で N 等分した I 番目 (0 始まり) だけ")
+    parser.add_argument("--resume", action="store_true", help="--out に書かれた行を飛ばして続きから")
+    parser.add_argument("--min-score", type=float, help="最大コサイン類似度がこれ未満なら label_1 を none に")
+    parser.add_argument("--no-progress", action="store_true", help="進捗バーを出さない")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify; return the exit status (0 ok, 2 some errors). Raises UsageError / ModelLoadError."""
+    from tqdm.auto import tqdm
+
+    from helpers.models import load_clip
+
+    if args.top_k < 1:
+        raise UsageError("--top-k は 1 以上にしてください")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size は 1 以上にしてください")
+    if args.ray_address and args.engine != "ray":
+        raise UsageError("--ray-address は --engine ray と一緒に指定してください")
+    labels = read_labels(args.labels, args.labels_file)
+    templates = check_templates(args.template or ["{}"])
+    inputs = find_inputs(args.images_dir, args.recursive)
+    if not inputs.files:
+        raise UsageError(
+            f"{args.images_dir} に画像がありません (拡張子 jpg/jpeg/png/webp/bmp/gif/tif/tiff"
+            f"{'、サブフォルダーは --recursive で' if not args.recursive else ''})"
+        )
+    files = shard(inputs.files, *parse_shard(args.shard))
+
+    backend = engines.resolve_backend(args.backend)
+    print(f"バックエンド: {backend} (--backend {args.backend})", file=sys.stderr)
+    model = load_clip(args.model)
+    settings = RunSettings(labels, templates, model.name, model.fingerprint, args.top_k, args.min_score)
+    done = rows_done(args.out, settings) if args.resume else {}
+    if args.embeddings and done:  # rows whose embedding is not stored yet are done again
+        have = _paths_with_embeddings(args.embeddings, model.fingerprint)
+        done = {path: row for path, row in done.items() if path in have}
+    relative = {p: p.relative_to(inputs.root).as_posix() for p in files}
+    todo = [p for p in files if relative[p] not in done]
+    classifier = engines.label_features(model, labels, templates)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sidecar_path(args.out).write_text(
+        json.dumps(asdict(settings), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+    header = csv_header(args.top_k)
+    counts = {"ok": sum(r["status"] == "ok" for r in done.values()), "error": 0}
+    counts["error"] = len(done) - counts["ok"]
+    start = time.perf_counter()
+    mode = "a" if done else "w"
+    vectors = (
+        embeddings.EmbeddingsWriter(args.embeddings, model.name, model.fingerprint, carry_over=set(done))
+        if args.embeddings
+        else contextlib.nullcontext()
+    )
+    with open(args.out, mode, encoding="utf-8", newline="") as handle, vectors as vector_writer:
+        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+        if mode == "w":
+            writer.writeheader()
+        with tqdm(total=len(todo), unit="枚", disable=args.no_progress or not todo, file=sys.stderr) as bar:
+            if args.engine == "ray":
+                from helpers import engines_ray
+
+                batches = engines_ray.iter_embeddings(
+                    model,
+                    todo,
+                    backend=backend,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    progress=False,
+                    address=args.ray_address,
+                )
+            else:
+                batches = engines.iter_embeddings(
+                    model,
+                    todo,
+                    backend=backend,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    progress=False,
+                )
+            for records in batches:
+                for record in records:
+                    writer.writerow(
+                        _row(relative[record.path], record, classifier, settings, model.logit_scale)
+                    )
+                    counts[record.status] += 1
+                handle.flush()
+                if vector_writer is not None:
+                    vector_writer.write(records, [relative[record.path] for record in records])
+                bar.update(len(records))
+    _sort_csv(args.out, header)
+    seconds = time.perf_counter() - start
+    total = counts["ok"] + counts["error"]
+    rate = len(todo) / seconds if seconds > 0 else 0.0
+    skipped = f", {inputs.skipped} skipped (not images)" if inputs.skipped else ""
+    summary = f"{total} files: {counts['ok']} ok, {counts['error']} errors{skipped}"
+    print(f"{summary}, {seconds:.1f} s, {rate:.1f} images/s")
+    return 0 if counts["error"] == 0 else 2
+
+
+def _paths_with_embeddings(out: str, fingerprint: str) -> set[str]:
+    """Paths ``--embeddings`` already holds (``--resume``); refuses another model's file."""
+    try:
+        return embeddings.paths_with_embeddings(out, fingerprint)
+    except embeddings.ModelMismatchError as err:
+        raise UsageError(f"--resume できません: {err}。別の --embeddings に書いてください") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--embeddings のファイルを読めません: {out} ({err})") from None
+
+
+def _sort_csv(out: Path, header: list[str]) -> None:
+    """Rewrite ``out`` in sorted path order, one row per path (a resumed run appends), atomically."""
+    with open(out, encoding="utf-8", newline="") as handle:
+        valid = [row for row in csv.DictReader(handle) if row.get("status") in {"ok", "error"}]
+    rows = sorted({row["path"]: row for row in valid}.values(), key=lambda row: row["path"])  # last row wins
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one clear line and exit status 1 on usage or model errors."""
+    from helpers.engines_ray import RayEngineError
+    from helpers.models import ModelCheckError, ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ModelLoadError, ModelCheckError, RayEngineError) as err:
+        print(f"エラー: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

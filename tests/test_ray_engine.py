@@ -1,0 +1,277 @@
+"""The Ray engine: same answers as the local engine, bad files as rows, a dying actor survived, no leftovers.
+
+Runs Ray embedded on this machine (2 CPUs in CI) with the embedded model, on the same folder as
+``tests/test_classify.py`` (its fixture is reused). One Ray session serves the in-process tests;
+the command-line test starts its own, in a subprocess, and checks that nothing of it remains.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray[data]==2.60.0')")
+
+import test_classify
+from test_classify import LABELS, _check_rows, _rows
+
+from helpers import REPO_ROOT, classify, engines, engines_ray
+from helpers import embeddings as emb
+from helpers.models import load_clip
+
+folder = test_classify.folder
+"""The folder ``tests/test_classify.py`` builds (good, odd-but-valid and bad files), as a fixture here too."""
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own defaults
+
+RAY_DAEMONS = ("raylet", "gcs_server")
+
+
+def ray_daemons() -> set[int]:
+    """Process ids of Ray's node daemons running on this machine (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in RAY_DAEMONS:
+                    found.add(int(entry.name))
+            except OSError:  # the process ended while we looked
+                continue
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float = 20.0) -> set[int]:
+    """The ones of ``pids`` still alive after waiting up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = pids & ray_daemons()
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _classify(folder: Path, out: Path, *extra: str) -> int:
+    return classify.main(
+        [str(folder), "--labels", LABELS, "--model", "embedded", "--out", str(out), "--batch-size", "4",
+         "--no-progress", *extra]
+    )  # fmt: skip
+
+
+def _answers(rows: list[dict[str, str]]) -> list[tuple]:
+    """Everything but the probabilities, which may differ in the last digit between engines."""
+    return [tuple(v for k, v in row.items() if not k.startswith("prob_")) for row in rows]
+
+
+def _assert_same_rows(a: list[dict[str, str]], b: list[dict[str, str]]) -> None:
+    assert _answers(a) == _answers(b)
+    for x, y in zip(a, b, strict=True):
+        for key in (k for k in x if k.startswith("prob_") and x[k]):
+            assert abs(float(x[key]) - float(y[key])) <= 2e-4, (x["path"], key, x[key], y[key])
+
+
+@pytest.fixture(scope="module")
+def local_csv(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local engine's answers (and embeddings) for the folder: what Ray must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "local.csv"
+    assert _classify(folder, out, "--backend", "dataloader", "--workers", "0", "--embeddings",
+                     str(out.with_suffix(".parquet"))) == 2  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- the command, end to end
+
+
+def test_command_on_ray_gives_the_same_answers_and_leaves_nothing(
+    folder: Path, local_csv: Path, tmp_path: Path
+) -> None:
+    """``python -m helpers.classify --engine ray`` in a fresh process: embedded Ray started and
+    stopped by the command, same CSV and embeddings as the local engine, quiet stderr."""
+    before = ray_daemons()
+    out = tmp_path / "ray.csv"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "helpers.classify", str(folder), "--labels", LABELS, "--model", "embedded",
+         "--out", str(out), "--batch-size", "4", "--engine", "ray", "--backend", "dataloader",
+         "--embeddings", str(tmp_path / "ray.parquet"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["バックエンド: dataloader (--backend dataloader)"]
+    assert result.stdout.strip().splitlines()[-1].startswith("16 files: 11 ok, 5 errors, 1 skipped")
+    rows = _rows(out)
+    _check_rows(rows)
+    _assert_same_rows(rows, _rows(local_csv))
+    ray_emb, local_emb = (
+        emb.read_embeddings(tmp_path / "ray.parquet"),
+        emb.read_embeddings(local_csv.with_suffix(".parquet")),
+    )
+    assert ray_emb.paths == local_emb.paths == [row["path"] for row in rows]
+    assert ray_emb.status == local_emb.status and ray_emb.info == local_emb.info
+    assert torch.allclose(ray_emb.vectors, local_emb.vectors, atol=2e-3)
+    assert wait_gone(ray_daemons() - before) == set(), "Ray processes left behind"
+
+
+def test_ray_address_alone_never_switches_engine(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Ray engine ran without --engine ray")
+
+    monkeypatch.setattr(engines_ray, "iter_embeddings", refuse)
+    assert _classify(folder, tmp_path / "l.csv", "--backend", "dataloader", "--workers", "0") == 2
+    code = _classify(folder, tmp_path / "x.csv", "--ray-address", "127.0.0.1:1")
+    assert code == 1 and "--engine ray" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- in-process, one Ray session
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Embedded Ray with 2 CPUs for this module; afterwards no raylet/gcs_server of it may remain."""
+    before = ray_daemons()
+    current = engines_ray.start(num_cpus=2)
+    assert current.started and current.cpus == 2
+    yield current
+    started = ray_daemons() - before
+    current.close()
+    assert wait_gone(started) == set(), "Ray processes left behind"
+
+
+def test_shards_and_resume_on_ray(
+    folder: Path, local_csv: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--shard acts on the file list before the engine; --resume carries on where a run stopped."""
+    out = tmp_path / "resumed.csv"
+    real = engines_ray.iter_embeddings
+
+    def interrupted(*args, **kwargs):  # stops when asked for more than the first records
+        batches = real(*args, **kwargs)
+        yield next(batches)
+        batches.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engines_ray, "iter_embeddings", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _classify(folder, out, "--engine", "ray", "--shard", "1/2")
+    assert 0 < len(_rows(out)) <= 8  # what came before the interruption was written
+    monkeypatch.setattr(engines_ray, "iter_embeddings", real)
+    assert _classify(folder, out, "--engine", "ray", "--shard", "1/2", "--resume") == 2
+    second_half = _rows(local_csv)[8:]
+    _assert_same_rows(_rows(out), second_half)
+
+
+def test_an_actor_that_dies_once_is_restarted_and_every_file_comes_once(
+    folder: Path, local_csv: Path, tmp_path: Path, ray_session
+) -> None:
+    """The actor's process exits (os._exit) on the batch holding file 8, the first time only: Ray
+    restarts the actor and retries that batch; every file comes back once, with the same answers."""
+    marker = tmp_path / "crashed-once"
+
+    def crash_once_encoder():  # a class made in a function travels to the workers by value
+        class CrashOnce(engines_ray.Encoder):
+            def __call__(self, batch):
+                if 8 in batch["index"] and not marker.exists():
+                    marker.touch()
+                    os._exit(1)
+                return super().__call__(batch)
+
+        return CrashOnce
+
+    model = load_clip("embedded")
+    paths = classify.find_inputs(folder).files
+    stats = engines_ray.RunStats()
+    records = [
+        r
+        for batch in engines_ray.iter_embeddings(
+            model, paths, batch_size=4, progress=False, stats=stats, encoder_cls=crash_once_encoder()
+        )
+        for r in batch
+    ]
+    assert marker.exists(), "the actor never crashed"
+    assert len(stats.pids) >= 2, f"no restarted actor: {stats.pids}"
+    assert [r.index for r in records] == list(range(len(paths)))
+    local = [
+        r
+        for b in engines.iter_embeddings(model, paths, batch_size=4, num_workers=0, progress=False)
+        for r in b
+    ]
+    assert [(r.path, r.status, r.error) for r in records] == [(r.path, r.status, r.error) for r in local]
+    for ray_record, local_record in zip(records, local, strict=True):
+        if ray_record.status == "ok":
+            assert torch.allclose(ray_record.embedding, local_record.embedding, atol=1e-4)
+
+
+def test_dali_inside_the_actor_matches_the_local_dali_backend(
+    folder: Path, tmp_path: Path, ray_session
+) -> None:
+    """``--engine ray --backend dali``: no CPU tasks, DALI decodes inside the actor (CPU pipelines
+    here, GPU ones where the actor has a GPU), with the same rows as the local DALI backend."""
+    dali = pytest.importorskip("helpers.dali", reason="helpers.dali (DALI) is not available")
+    if not hasattr(dali, "iter_preprocessed"):
+        pytest.skip("helpers.dali has no iter_preprocessed")
+    local, ray_out = tmp_path / "local.csv", tmp_path / "ray.csv"
+    assert _classify(folder, local, "--backend", "dali", "--workers", "0") == 2
+    assert _classify(folder, ray_out, "--backend", "dali", "--engine", "ray") == 2
+    _check_rows(_rows(ray_out))
+    _assert_same_rows(_rows(ray_out), _rows(local))
+
+
+# ---------------------------------------------------------------- pieces, without Ray
+
+
+def test_the_driver_refuses_actors_with_another_model() -> None:
+    model = load_clip("embedded")
+    engines_ray.check_fingerprints([model.fingerprint] * 3, model)
+    with pytest.raises(engines_ray.FingerprintMismatchError, match="0123456789abcdef"):
+        engines_ray.check_fingerprints([model.fingerprint, "0123456789abcdef"], model)
+
+
+def test_read_and_preprocess_gives_the_local_reasons_also_through_pyarrow(folder: Path) -> None:
+    """The CPU task and the actor, called directly: local paths and file:// URIs (read through
+    pyarrow.fs, as s3:// would be) give the local engine's statuses, reasons and embeddings."""
+    model = load_clip("embedded")
+    paths = classify.find_inputs(folder).files
+    local = [r for b in engines.iter_embeddings(model, paths, num_workers=0, progress=False) for r in b]
+    encoder = engines_ray.Encoder("embedded")
+    for names in ([str(p) for p in paths], [p.absolute().as_uri() for p in paths]):
+        batch = {"index": np.arange(len(names)), "path": np.array(names, dtype=object)}
+        out = encoder(engines_ray.read_and_preprocess(batch, model.preprocess_spec))
+        assert out["index"].tolist() == list(range(len(paths)))
+        assert set(out["fingerprint"]) == {model.fingerprint}
+        for i, expected in enumerate(local):
+            assert bool(out["ok"][i]) == (expected.status == "ok"), names[i]
+            assert out["error"][i] == expected.error, names[i]
+            if expected.status == "ok":
+                assert torch.allclose(torch.from_numpy(out["embedding"][i]), expected.embedding, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "workers", "actors", "expected"),
+    [
+        (2, 0, None, None, (1, 1.0, 1, 1.0, 0.0)),
+        (16, 1, None, None, (15, 1.0, 1, 1.0, 1.0)),
+        (2, 0, 2, 2, (2, 0.5, 2, 0.5, 0.0)),
+        (8, 4, None, None, (4, 1.0, 4, 1.0, 1.0)),
+        (2, 0, 1, 2, (1, 0.666, 2, 0.666, 0.0)),  # rounded down: three shares fit in 2 CPUs
+    ],
+)
+def test_plan_resources(cpus, gpus, workers, actors, expected) -> None:
+    plan = engines_ray.plan_resources(cpus, gpus, workers, actors)
+    assert (plan.num_tasks, plan.task_cpus, plan.num_actors, plan.actor_cpus, plan.actor_gpus) == expected
+    assert plan.num_tasks * plan.task_cpus + plan.num_actors * plan.actor_cpus <= cpus
+
+
+def test_plan_refuses_more_gpu_actors_than_gpus() -> None:
+    with pytest.raises(ValueError, match="GPU"):
+        engines_ray.plan_resources(16, 2, num_actors=4)
