@@ -185,6 +185,24 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why a ``host:port`` or ``ray://host:port`` address refuses a TCP connection, else None.
+
+    Ray itself keeps retrying an address that does not answer for many minutes; this answers in
+    ``timeout`` seconds. Addresses of other forms (``auto``...) are left to Ray.
+    """
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
+
+
 def start(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -234,6 +252,11 @@ def start(
             variables["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), *paths] if p)
         kwargs |= {"address": "local", "num_cpus": num_cpus, "num_gpus": num_gpus, "include_dashboard": False}
     else:  # a cluster: ship the helpers package to its workers
+        why = _unreachable(address)
+        if why is not None:
+            raise RayEngineError(
+                f"Ray クラスター {address} に接続できません ({why}): アドレスを確かめてください"
+            )
         kwargs |= {"address": address, "runtime_env": {"py_modules": [str(REPO_ROOT / "helpers")]}}
     begin = time.perf_counter()
     drop = ["Set ray log level from environment variable"]

@@ -133,6 +133,13 @@ def test_ray_address_alone_never_switches_engine(
     assert code == 1 and "--engine ray" in capsys.readouterr().err
 
 
+def test_a_cluster_that_does_not_answer_is_reported_at_once(folder: Path, tmp_path: Path, capsys) -> None:
+    begin = time.monotonic()
+    code = _classify(folder, tmp_path / "x.csv", "--engine", "ray", "--ray-address", "127.0.0.1:1")
+    assert code == 1 and "127.0.0.1:1 に接続できません" in capsys.readouterr().err
+    assert time.monotonic() - begin < 60  # Ray alone would retry for many minutes
+
+
 # ---------------------------------------------------------------- in-process, one Ray session
 
 
