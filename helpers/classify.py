@@ -292,27 +292,15 @@ def run(args: argparse.Namespace) -> int:
         if mode == "w":
             writer.writeheader()
         with tqdm(total=len(todo), unit="枚", disable=args.no_progress or not todo, file=sys.stderr) as bar:
+            options = {"backend": backend, "batch_size": args.batch_size, "num_workers": args.workers}
             if args.engine == "ray":
                 from helpers import engines_ray
 
                 batches = engines_ray.iter_embeddings(
-                    model,
-                    todo,
-                    backend=backend,
-                    batch_size=args.batch_size,
-                    num_workers=args.workers,
-                    progress=False,
-                    address=args.ray_address,
+                    model, todo, progress=False, address=args.ray_address, **options
                 )
             else:
-                batches = engines.iter_embeddings(
-                    model,
-                    todo,
-                    backend=backend,
-                    batch_size=args.batch_size,
-                    num_workers=args.workers,
-                    progress=False,
-                )
+                batches = engines.iter_embeddings(model, todo, progress=False, **options)
             for records in batches:
                 for record in records:
                     writer.writerow(
