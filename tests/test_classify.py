@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import classify, engines, shapes
+from helpers import classify, shapes
 
 LABELS = "赤い丸,青い三角,緑の四角,黄色い星"
 GOOD = {  # file → the label drawn in it
@@ -156,23 +156,15 @@ def test_shards_are_disjoint_and_cover(folder: Path, tmp_path: Path) -> None:
     assert all(parts)
 
 
-def test_resume_after_an_interruption(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_an_interruption(folder: Path, tmp_path: Path, interrupt_engine) -> None:
     full = tmp_path / "full.csv"
     _run(folder, full, "--backend", "dataloader")
     out = tmp_path / "resumed.csv"
-    real = engines.iter_embeddings
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(engines, "iter_embeddings", interrupted)
+    restore = interrupt_engine(2)
     with pytest.raises(KeyboardInterrupt):
         _run(folder, out, "--backend", "dataloader")
     assert len(_rows(out)) == 8  # two batches of 4 were written before the interruption
-    monkeypatch.setattr(engines, "iter_embeddings", real)
+    restore()
     assert _run(folder, out, "--backend", "dataloader", "--resume") == 2
     assert _rows(out) == _rows(full)
 

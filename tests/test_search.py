@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import classify, engines, search, shapes
+from helpers import classify, search, shapes
 from helpers import embeddings as emb
 from helpers.models import load_clip
 
@@ -131,24 +131,16 @@ def test_usage_errors_exit_1(parquet: Path, capsys, argv: list[str], message: st
 
 
 def test_resume_keeps_the_embeddings_written_before(
-    photos: Path, parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    photos: Path, parquet: Path, tmp_path: Path, interrupt_engine
 ) -> None:
     """An interrupted run leaves its CSV rows but no half-written Parquet; --resume redoes the rows
     whose embeddings were lost and carries over the ones already in the file."""
     out = tmp_path / "emb.parquet"
-    real = engines.iter_embeddings
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(engines, "iter_embeddings", interrupted)
+    restore = interrupt_engine(2)
     with pytest.raises(KeyboardInterrupt):
         _classify(photos, tmp_path, "--embeddings", str(out))
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setattr(engines, "iter_embeddings", real)
+    restore()
     assert _classify(photos, tmp_path, "--embeddings", str(out), "--resume")[0] == 2
     _assert_same_embeddings(out, parquet)
     before = pq.read_table(out).to_pylist()
