@@ -93,11 +93,16 @@ def _vocabulary() -> list[str]:
     return list(SPECIAL_TOKENS) + chars
 
 
-def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
-    """A character-level ``PreTrainedTokenizerFast``: ``[CLS]`` + one token per character."""
+def build_tokenizer(max_length: int = 24, characters: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """A character-level ``PreTrainedTokenizerFast``: ``[CLS]`` + one token per character.
+
+    The vocabulary is the special tokens plus ``characters`` (default: every character of the
+    labels and templates the tiny model is trained on).
+    """
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate(_vocabulary())}
+    tokens = _vocabulary() if characters is None else [*SPECIAL_TOKENS, *sorted(set(characters))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.post_processor = processors.TemplateProcessing(

@@ -33,7 +33,7 @@ from PIL import Image
 
 import helpers.models as models
 import helpers.models_hf as models_hf
-from helpers import REPO_ROOT, env
+from helpers import REPO_ROOT, env, tiny_clip
 from helpers.clip_compat import (
     apply_legacy_shims,
     as_features,
@@ -80,23 +80,8 @@ def _clean_env(monkeypatch):
 
 
 def _char_tokenizer(max_length: int = 16):
-    """A character-level fast tokenizer ([CLS] + one token per character) built with ``tokenizers``."""
-    from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set("犬猫象車の写真赤い青緑黄色紫丸三角四星絵画像"))
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", *chars])}
-    core = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        model_max_length=max_length,
-    )
+    """A character-level fast tokenizer ([CLS] + one token per character) knowing the check's words."""
+    return tiny_clip.build_tokenizer(max_length, characters="犬猫象車の写真赤い青緑黄色紫丸三角四星絵画像")
 
 
 def _pil_processor(size: int = 32, **kwargs):
