@@ -91,3 +91,34 @@ def image_grid(
                 ax.set_title(captions[i], fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def training_curves(
+    histories: Mapping[str, Mapping[str, Sequence[float]]],
+    panels: Mapping[str, str],
+    chance: float | None = None,
+    title: str = "",
+) -> Figure:
+    """One panel per metric (``panels``: key → axis label), one line per run, over epochs 1, 2, ….
+
+    ``histories`` maps a run's name to its per-epoch metrics, e.g. ``{"DALI": {"loss": [...],
+    "val_acc": [...]}}``. ``chance`` draws a dashed line on panels whose key ends in ``acc``.
+    """
+    import matplotlib.pyplot as plt
+
+    setup_japanese()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels.items(), strict=True):
+        for run, metrics in histories.items():
+            values = list(metrics[key])
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=run)
+        if chance is not None and key.endswith("acc"):
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="当てずっぽう")
+        ax.set_xlabel("エポック")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -71,16 +71,22 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return (bg * 255).astype(np.float32)
 
 
-def draw_shape(label: str, rng: np.random.Generator | int, size: int = 64) -> Image.Image:
+def draw_shape(
+    label: str,
+    rng: np.random.Generator | int,
+    size: int = 64,
+    radius_range: tuple[float, float] = (0.15, 0.38),
+) -> Image.Image:
     """Draw the picture of ``label`` (e.g. 「赤い丸」) as an RGB image of ``size`` x ``size`` pixels.
 
     ``rng`` is a numpy Generator or an int seed; one seed gives the same scene at every ``size``
     (only the pixel noise differs in detail). Shapes are anti-aliased by drawing a larger mask.
+    ``radius_range`` bounds the shape's circumradius as a fraction of the side (at most 0.47).
     """
     color_word, shape = label_parts(label)
     rng = _as_rng(rng)
     # Scene, in units of the image side (so it does not depend on ``size``).
-    radius = rng.uniform(0.15, 0.38)
+    radius = rng.uniform(*radius_range)
     margin = 0.03
     cx = rng.uniform(radius + margin, 1 - radius - margin)
     cy = rng.uniform(radius + margin, 1 - radius - margin)

@@ -52,3 +52,19 @@ def test_image_grid_captions() -> None:
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[:3] == ["赤", "青", "緑"]
     plt.close(fig)
+
+
+def test_training_curves_one_line_per_run_and_a_chance_line(tmp_path) -> None:
+    histories = {
+        "DALI": {"loss": [1.3, 0.9, 0.6], "val_acc": [0.3, 0.6, 0.8]},
+        "PIL": {"loss": [1.3, 1.0], "val_acc": [0.3, 0.5]},
+    }
+    fig = plots.training_curves(histories, {"loss": "損失", "val_acc": "検証の正解率"}, chance=0.25)
+    loss_ax, acc_ax = fig.axes
+    assert len(loss_ax.lines) == 2  # no chance line on a loss panel
+    assert len(acc_ax.lines) == 3
+    assert list(acc_ax.lines[0].get_xdata()) == [1, 2, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.savefig(tmp_path / "curves.png")
+    plt.close(fig)
