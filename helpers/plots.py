@@ -122,3 +122,33 @@ def training_curves(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def speedup_bar(
+    measured: Mapping[str, float], quoted: Mapping[str, float] | None = None, title: str = "速さの比"
+) -> Figure:
+    """Speed-up ratios as bars: this run's (blue) beside figures quoted from elsewhere (grey, hatched)."""
+    import matplotlib.pyplot as plt
+
+    setup_japanese()
+    rows = [(name, value, False) for name, value in measured.items()]
+    rows += [(name, value, True) for name, value in (quoted or {}).items()]
+    if not rows:
+        raise ValueError("speedup_bar needs at least one ratio")
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
+    bars = ax.barh(
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        color=["lightgrey" if r[2] else "tab:blue" for r in rows],
+    )
+    for bar, (_, value, is_quoted) in zip(bars, rows, strict=True):
+        if is_quoted:
+            bar.set_hatch("//")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.2f}×", va="center")
+    ax.axvline(1.0, color="grey", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("倍 (1.0 = 基準と同じ速さ)")
+    ax.set_title(title)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    return fig

@@ -68,3 +68,12 @@ def test_training_curves_one_line_per_run_and_a_chance_line(tmp_path) -> None:
         warnings.simplefilter("error")
         fig.savefig(tmp_path / "curves.png")
     plt.close(fig)
+
+
+def test_speedup_bar_marks_quoted_figures(tmp_path) -> None:
+    fig = plots.speedup_bar({"DALI CPU / DataLoader": 1.3}, {"元記事": 1.6})
+    measured, quoted = fig.axes[0].patches
+    assert measured.get_width() == 1.3 and quoted.get_width() == 1.6
+    assert quoted.get_hatch() == "//" and not measured.get_hatch()
+    fig.savefig(tmp_path / "ratios.png")
+    plt.close(fig)
