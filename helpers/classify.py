@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     files = shard(inputs.files, *parse_shard(args.shard))
 
     backend = engines.resolve_backend(args.backend)
-    print(f"バックエンド: {backend} (--backend {args.backend})", file=sys.stderr)
+    print(engines.backend_notice(args.backend), file=sys.stderr)
     model = load_clip(args.model)
     settings = RunSettings(labels, templates, model.name, model.fingerprint, args.top_k, args.min_score)
     done = rows_done(args.out, settings) if args.resume else {}

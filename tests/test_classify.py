@@ -137,6 +137,12 @@ def test_dali_backend_on_cpu_matches_dataloader(folder: Path, tmp_path: Path) ->
     ]
 
 
+def test_auto_backend_says_what_it_chose_and_why(folder: Path, tmp_path: Path, capsys) -> None:
+    assert _run(folder, tmp_path / "auto.csv") == 2  # --backend auto is the default
+    notice = capsys.readouterr().err.strip().splitlines()[0]
+    assert notice == "バックエンド: dataloader (auto: DALI の GPU パイプラインがないため)"
+
+
 def test_recursive_includes_sub_folders(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "all.csv"
     assert _run(folder, out, "--backend", "dataloader", "--recursive") == 2

@@ -104,7 +104,7 @@ def test_command_on_ray_gives_the_same_answers_and_leaves_nothing(
         capture_output=True, text=True, env=env, timeout=240,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == ["バックエンド: dataloader (--backend dataloader)"]
+    assert result.stderr.strip().splitlines() == ["バックエンド: dataloader"]
     assert result.stdout.strip().splitlines()[-1].startswith("16 files: 11 ok, 5 errors, 1 skipped")
     rows = _rows(out)
     _check_rows(rows)
