@@ -57,7 +57,7 @@ class ShapeFolders:
 
     def files(self, split: str) -> list[Path]:
         """Every image of ``split`` in sorted order (class folder, then file name)."""
-        return list_images(self.root / split, recursive=True)
+        return [path for name in FOLDER_NAMES for path in list_images(self.root / split / name)]
 
     def labels(self, split: str) -> list[int]:
         """The class index of each file of :meth:`files`, read from its folder name."""
@@ -119,8 +119,9 @@ def make_shape_folders(
     for split in SPLITS:
         for name in FOLDER_NAMES:
             (folder / split / name).mkdir(parents=True, exist_ok=True)
-        for stale in (folder / split).glob("*/*"):  # an interrupted or different earlier set
-            stale.unlink()
+            # files of an interrupted or different earlier set; nothing else in the folder is touched
+            for stale in (folder / split / name).glob("[0-9][0-9][0-9][0-9][0-9].jpg"):
+                stale.unlink()
 
     def write(job: tuple[int, int]) -> None:
         split, index = job

@@ -63,6 +63,14 @@ def test_other_settings_in_the_same_folder_replace_the_old_files(tmp_path) -> No
     assert len(smaller.files("train")) == 8 and len(smaller.files("val")) == 4
 
 
+def test_files_that_are_not_ours_are_left_alone(tmp_path) -> None:
+    mine = tmp_path / "train" / "cats" / "photo.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"not ours")
+    shape_folders.make_shape_folders(8, 4, root=tmp_path, progress=False)
+    assert mine.read_bytes() == b"not ours"
+
+
 def test_too_few_images_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 4"):
         shape_folders.make_shape_folders(3, 8, progress=False)
