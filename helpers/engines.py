@@ -24,7 +24,6 @@ float32 without AMX units, and less exact). Embeddings come back L2-normalised, 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from helpers import env
 from helpers.data import ImageReadError, open_image
+from helpers.env import usable_cpus  # re-exported: bench and the notebooks ask engines for it
 from helpers.models import ClipModel, PreprocessSpec, preprocess_with_spec
 
 if TYPE_CHECKING:
@@ -153,14 +153,6 @@ def collate(samples: Iterable[tuple[int, torch.Tensor | None, str]]) -> Batch:
             indices.append(index)
             tensors.append(pixels)
     return indices, (torch.stack(tensors) if tensors else torch.empty(0)), errors
-
-
-def usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def default_num_workers() -> int:

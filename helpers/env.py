@@ -88,6 +88,14 @@ def hub_reachable(timeout: float = 3.0, host: str = HUB_HOST) -> bool:
         socket.setdefaulttimeout(old)
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def quick_mode() -> bool:
     """True when notebooks should use the small workload.
 

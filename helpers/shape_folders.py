@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers import shapes
+from helpers import env, shapes
 from helpers.data import BUILD_DIR, list_images
 
 CLASSES: tuple[str, ...] = shapes.SHAPES
@@ -130,7 +129,7 @@ def make_shape_folders(
         image.save(path, format="JPEG", quality=quality)
 
     jobs = [(s, i) for s, n in enumerate((n_train, n_val)) for i in range(n)]
-    workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    workers = min(8, env.usable_cpus())
     with ThreadPoolExecutor(workers) as pool:
         list(tqdm(pool.map(write, jobs), total=len(jobs), desc="学習用の画像を作成", disable=not progress))
     manifest.write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")

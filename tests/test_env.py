@@ -95,3 +95,14 @@ def test_report_prints_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_display_width_counts_wide_characters() -> None:
     assert env.display_width("GPU") == 3
     assert env.display_width("デバイス") == 8
+
+
+def test_usable_cpus_counts_the_affinity_mask_and_engines_shares_it() -> None:
+    import os
+
+    from helpers import engines
+
+    assert 1 <= env.usable_cpus() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert env.usable_cpus() == len(os.sched_getaffinity(0))
+    assert engines.usable_cpus is env.usable_cpus
