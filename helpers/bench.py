@@ -33,7 +33,7 @@ import torch
 
 from helpers import engines, env
 from helpers.data import BUILD_DIR, ImageReadError, list_images, make_workload, open_image, sample_photos
-from helpers.models import ClipModel, load_clip
+from helpers.models import ClipModel, ModelCheckError, ModelLoadError, prepare
 from helpers.timing import ResultsTable, Timing, measure
 
 FP32_TOLERANCE = 1e-3
@@ -113,7 +113,7 @@ class Report:
 
 def _probs(model: ClipModel, image_features: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
     """Text features computed here, every call (what a/b/c/d do), then the zero-shot probabilities."""
-    return engines.zero_shot_probs(image_features, model.encode_texts(list(texts)), model.logit_scale).cpu()
+    return model.probabilities(image_features, model.encode_texts(list(texts))).cpu()
 
 
 def per_image(s: Setup) -> torch.Tensor:
@@ -158,7 +158,7 @@ def workers(s: Setup) -> torch.Tensor:
 
 
 def _engine(s: Setup, backend: str) -> torch.Tensor:
-    texts = engines.label_features(s.model, s.texts)  # once
+    texts = s.model.label_features(s.texts)  # once
     embeddings = []
     for records in engines.iter_embeddings(
         s.model, s.paths, backend, s.batch_size, s.num_workers, amp=True, progress=False
@@ -167,7 +167,7 @@ def _engine(s: Setup, backend: str) -> torch.Tensor:
         if bad is not None:
             raise ImageReadError(bad.path, bad.error)
         embeddings.extend(r.embedding for r in records)
-    return engines.zero_shot_probs(torch.stack(embeddings), texts, s.model.logit_scale)
+    return s.model.probabilities(torch.stack(embeddings), texts)
 
 
 def engine_dataloader(s: Setup) -> torch.Tensor:
@@ -326,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m helpers.bench", description="バッチ推論の方式を、このマシンで測って比べます。"
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto)")
+    which.add_argument(
+        "--model",
+        help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto。Hub に届かなければ止まります)",
+    )
     which.add_argument(
         "--arch", choices=["vit-b16-random"], help="vit-b16-random は --model random:vit-b16 と同じ"
     )
@@ -338,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="繰り返し回数 (既定: GPU 3、quick 1)")
     parser.add_argument("--variants", help="測る方式のキーをカンマ区切りで (例: a,b,e)。a は必ず含む")
     parser.add_argument("--note", help="マシンの呼び名 (例: 'H100, 2 cores, estimate for T4')")
+    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="書き出し先フォルダー")
     return parser
 
@@ -345,7 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: measure, print the table, write the three files; exit 1 if a variant disagrees."""
     args = build_parser().parse_args(argv)
-    model = load_clip("random:vit-b16" if args.arch else args.model)
+    try:
+        model, note = prepare(
+            "random:vit-b16" if args.arch else args.model,
+            run_check=not args.no_check,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except (ModelLoadError, ModelCheckError) as err:
+        print(f"エラー: {err}", file=sys.stderr)
+        return 1
+    print(note, file=sys.stderr)
     if args.images is not None:
         paths = list_images(args.images)
         if not paths:
@@ -365,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine(args.note),
         {
             "model": model.name,
+            "model_fingerprint": model.fingerprint,
             "images": str(args.images) if args.images else "make_workload",
             "n_images": len(paths),
             "batch_size": args.batch_size,

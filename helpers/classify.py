@@ -6,10 +6,20 @@ Example::
 
 One CSV row per image file, in sorted path order: ``path`` (relative to the folder, ``/``
 separators), ``status`` (``ok``/``error``), ``label_1``, ``prob_1`` … ``label_k``, ``prob_k`` and
-``error`` (the reason, for errors). Probabilities are softmax(logit scale × cosine similarity of
-L2-normalised features), as notebook 01 teaches. Rows are written as batches finish, so an
-interrupted run keeps its work and ``--resume`` carries on. Exit status: 0 when every file is
-ok, 2 when some files had errors (all rows still written), 1 on usage or model errors.
+``error`` (the reason, for errors). Probabilities follow the model's own scoring rule
+(:mod:`helpers.zeroshot`), as notebook 01 teaches: a softmax over the labels of the scaled cosine
+similarities of L2-normalised features for CLIP models (each row sums to 1), and an independent
+per-label sigmoid with the learned bias for SigLIP models (a row need not sum to 1). Rows are
+written as batches finish, so an interrupted run keeps its work and ``--resume`` carries on.
+
+The model is never chosen behind the user's back: with ``auto`` (the default) and no hub the
+command stops and names ``--model embedded``; the model is checked once on a known picture before
+any file is read (``--no-check`` skips that). The last stdout line is the summary::
+
+    N files: K ok, E errors[, S skipped (not images)], T s, R images/s, model NAME (FINGERPRINT)
+
+with R = files ÷ seconds from the first batch request to the last row written. Exit status: 0 when
+every file is ok, 2 when some files had errors (all rows still written), 1 on usage or model errors.
 
 ``--engine ray`` runs the same job on Ray Data (:mod:`helpers.engines_ray`): embedded on this
 machine, or on the cluster at ``--ray-address`` (else ``$RAY_ADDRESS``, read only with
@@ -27,7 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +45,7 @@ import torch
 from helpers import embeddings, engines
 from helpers.data import is_image_file
 from helpers.engines import Record
+from helpers.models import ClipModel
 
 NONE_LABEL = "none"
 """``label_1`` of an image whose best raw cosine similarity is below ``--min-score``."""
@@ -138,15 +149,14 @@ class RunSettings:
     templates: list[str]
     model: str
     model_fingerprint: str
+    scoring: str
+    """``softmax`` (probabilities over labels) or ``sigmoid`` (per label, SigLIP)."""
     top_k: int
     min_score: float | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     def comparable(self) -> dict[str, object]:
         """The fields that must match for a resume."""
-        data = asdict(self)
-        data.pop("extra")
-        return data
+        return asdict(self)
 
 
 def sidecar_path(out: Path) -> Path:
@@ -181,7 +191,7 @@ def rows_done(out: Path, settings: RunSettings) -> dict[str, dict[str, str]]:
 
 
 def _row(
-    relative: str, record: Record, classifier: torch.Tensor, settings: RunSettings, scale: float
+    relative: str, record: Record, classifier: torch.Tensor, settings: RunSettings, model: ClipModel
 ) -> dict:
     row: dict[str, object] = {"path": relative, "status": record.status, "error": record.error}
     if record.status != "ok":
@@ -192,7 +202,7 @@ def _row(
     ):
         row["label_1"] = NONE_LABEL
         return row
-    probs = engines.zero_shot_probs(record.embedding[None], classifier, scale)[0]
+    probs = model.probabilities(record.embedding[None], classifier)[0]
     top = probs.topk(min(settings.top_k, len(settings.labels)))
     for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
         row[f"label_{rank}"] = settings.labels[i]
@@ -215,7 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--template", action="append", help="ラベルを埋め込む文 (繰り返すとアンサンブル、既定: {})"
     )
-    parser.add_argument("--model", help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto)")
+    parser.add_argument(
+        "--model",
+        help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto。Hub に届かなければ止まります)",
+    )
+    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", choices=["auto", "dataloader", "dali"], default="auto")
     parser.add_argument(
@@ -243,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     """Classify; return the exit status (0 ok, 2 some errors). Raises UsageError / ModelLoadError."""
     from tqdm.auto import tqdm
 
-    from helpers.models import load_clip
+    from helpers.models import prepare
 
     if args.top_k < 1:
         raise UsageError("--top-k は 1 以上にしてください")
@@ -263,24 +282,31 @@ def run(args: argparse.Namespace) -> int:
 
     backend = engines.resolve_backend(args.backend)
     print(engines.backend_notice(args.backend), file=sys.stderr)
-    model = load_clip(args.model)
-    settings = RunSettings(labels, templates, model.name, model.fingerprint, args.top_k, args.min_score)
+    model, note = prepare(args.model, run_check=not args.no_check, trust_remote_code=args.trust_remote_code)
+    print(note, file=sys.stderr)
+    settings = RunSettings(
+        labels, templates, model.name, model.fingerprint, model.scoring.kind, args.top_k, args.min_score
+    )
     done = rows_done(args.out, settings) if args.resume else {}
     if args.embeddings and done:  # rows whose embedding is not stored yet are done again
         have = _paths_with_embeddings(args.embeddings, model.fingerprint)
         done = {path: row for path, row in done.items() if path in have}
     relative = {p: p.relative_to(inputs.root).as_posix() for p in files}
     todo = [p for p in files if relative[p] not in done]
-    classifier = engines.label_features(model, labels, templates)
+    classifier = model.label_features(labels, templates)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {
+        **asdict(settings),
+        "scoring_rule": f"{model.scoring.describe()} ({model.scoring.source})",
+        "checked": not args.no_check and model.kind != "random",
+    }
     sidecar_path(args.out).write_text(
-        json.dumps(asdict(settings), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
     header = csv_header(args.top_k)
     counts = {"ok": sum(r["status"] == "ok" for r in done.values()), "error": 0}
     counts["error"] = len(done) - counts["ok"]
-    start = time.perf_counter()
     mode = "a" if done else "w"
     vectors = (
         embeddings.EmbeddingsWriter(args.embeddings, model.name, model.fingerprint, carry_over=set(done))
@@ -293,31 +319,40 @@ def run(args: argparse.Namespace) -> int:
             writer.writeheader()
         with tqdm(total=len(todo), unit="枚", disable=args.no_progress or not todo, file=sys.stderr) as bar:
             options = {"backend": backend, "batch_size": args.batch_size, "num_workers": args.workers}
+            start = time.perf_counter()  # the first batch request: loading and check() are not counted
             if args.engine == "ray":
                 from helpers import engines_ray
 
                 batches = engines_ray.iter_embeddings(
-                    model, todo, progress=False, address=args.ray_address, **options
+                    model,
+                    todo,
+                    progress=False,
+                    address=args.ray_address,
+                    run_check=not args.no_check,
+                    trust_remote_code=args.trust_remote_code,
+                    **options,
                 )
             else:
                 batches = engines.iter_embeddings(model, todo, progress=False, **options)
             for records in batches:
                 for record in records:
-                    writer.writerow(
-                        _row(relative[record.path], record, classifier, settings, model.logit_scale)
-                    )
+                    writer.writerow(_row(relative[record.path], record, classifier, settings, model))
                     counts[record.status] += 1
                 handle.flush()
                 if vector_writer is not None:
                     vector_writer.write(records, [relative[record.path] for record in records])
                 bar.update(len(records))
+            seconds = time.perf_counter() - start  # the last row is written
     _sort_csv(args.out, header)
-    seconds = time.perf_counter() - start
     total = counts["ok"] + counts["error"]
     rate = len(todo) / seconds if seconds > 0 else 0.0
     skipped = f", {inputs.skipped} skipped (not images)" if inputs.skipped else ""
     summary = f"{total} files: {counts['ok']} ok, {counts['error']} errors{skipped}"
-    print(f"{summary}, {seconds:.1f} s, {rate:.1f} images/s")
+    unchecked = ", not checked (--no-check)" if args.no_check and model.kind != "random" else ""
+    print(
+        f"{summary}, {seconds:.1f} s, {rate:.1f} images/s,"
+        f" model {model.name} ({model.fingerprint[:12]}){unchecked}"
+    )
     return 0 if counts["error"] == 0 else 2
 
 

@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
-from helpers import env
+from helpers import env, zeroshot
 from helpers.data import ImageReadError, open_image
 from helpers.env import usable_cpus  # re-exported: bench and the notebooks ask engines for it
 from helpers.models import ClipModel, PreprocessSpec, preprocess_with_spec
+from helpers.zeroshot import Scoring
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -55,12 +56,10 @@ __all__ = [
     "default_num_workers",
     "encode_batch",
     "iter_embeddings",
-    "label_features",
     "make_loader",
     "resolve_backend",
     "usable_cpus",
     "worker_preprocess",
-    "zero_shot_probs",
 ]
 
 BACKENDS: tuple[str, ...] = ("auto", "dataloader", "dali")
@@ -345,32 +344,6 @@ def iter_embeddings(
 # ---------------------------------------------------------------- zero-shot classification
 
 
-def label_features(
-    model: ClipModel, labels: Sequence[str], templates: Sequence[str] = ("{}",)
-) -> torch.Tensor:
-    """L2-normalised float32 text features [T, D] on the CPU, one per label.
-
-    With several templates (a prompt ensemble) each label's normalised features are averaged and
-    normalised again.
-    """
-    if not labels:
-        raise ValueError("no labels given")
-    per_template = [
-        F.normalize(model.encode_texts([t.format(label) for label in labels]).float(), dim=-1).cpu()
-        for t in templates
-    ]
-    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
-
-
-def zero_shot_probs(
-    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float
-) -> torch.Tensor:
-    """softmax(logit_scale × cosine similarity) [N, T], float32: both sides normalised here."""
-    images = F.normalize(image_embeddings.float(), dim=-1)
-    texts = F.normalize(text_embeddings.float().to(images.device), dim=-1)
-    return (logit_scale * images @ texts.T).softmax(dim=-1)
-
-
 @dataclass
 class Prediction:
     """Zero-shot answer for one file: the top labels with probabilities, and the best raw cosine."""
@@ -379,7 +352,8 @@ class Prediction:
     path: Path
     status: Literal["ok", "error"]
     top: list[tuple[str, float]] = field(default_factory=list)
-    """(label, probability), most probable first (``top_k`` of them)."""
+    """(label, probability), most probable first (``top_k`` of them); per-label sigmoid probabilities
+    for SigLIP models need not sum to 1."""
     best_cosine: float | None = None
     """The largest cosine similarity (before the scale and softmax): compare with a threshold."""
     error: str = ""
@@ -388,14 +362,14 @@ class Prediction:
 def classify(
     records: Iterable[Record],
     text_features: torch.Tensor,
-    logit_scale: float,
+    scoring: Scoring,
     labels: Sequence[str],
     top_k: int = 1,
 ) -> list[Prediction]:
-    """Zero-shot predictions for ``records`` (normalised features × ``logit_scale`` → softmax).
+    """Zero-shot predictions for ``records`` by the model's ``scoring`` (:mod:`helpers.zeroshot`).
 
-    ``text_features`` [T, D] (e.g. :func:`label_features`) line up with ``labels``; error records
-    give error predictions with the same reason.
+    ``text_features`` [T, D] (e.g. ``model.label_features(labels)``) line up with ``labels``; error
+    records give error predictions with the same reason.
     """
     if text_features.shape[0] != len(labels):
         raise ValueError(f"{text_features.shape[0]} text features for {len(labels)} labels")
@@ -404,9 +378,8 @@ def classify(
     answers: dict[int, Prediction] = {}
     if good:
         embeddings = torch.stack([r.embedding for r in good])
-        texts = F.normalize(text_features.float().cpu(), dim=-1)
-        cosine = F.normalize(embeddings.float(), dim=-1) @ texts.T
-        probs = (logit_scale * cosine).softmax(dim=-1)
+        cosine = zeroshot.cosine(embeddings, text_features)
+        probs = zeroshot.probabilities(embeddings, text_features, scoring)
         k = max(1, min(top_k, len(labels)))
         values, indices = probs.topk(k, dim=-1)
         for row, record in enumerate(good):

@@ -23,7 +23,7 @@ The pipeline (:func:`build_dataset`)::
   (:func:`~helpers.models.preprocess_with_spec`, light to ship; exactly the embedded model's own
   preprocessing). With ``backend="dali"`` there is no CPU stage: each actor decodes its batch with
   ``helpers.dali.iter_preprocessed`` (on its GPU when it has one).
-- Actors load the model with :func:`~helpers.models.load_clip` by name and report its fingerprint
+- Actors load the model with :func:`~helpers.models.prepare` by name (and check it) and report its fingerprint
   with every batch; the driver refuses a batch from a different model. One GPU per actor when the
   cluster has GPUs. Ray restarts an actor that dies and retries its batch (``max_restarts``,
   ``max_task_retries``); exceptions inside a UDF are not retried, which is why bad files never raise.
@@ -53,7 +53,7 @@ import torch
 from helpers import REPO_ROOT
 from helpers.data import ImageReadError, open_image
 from helpers.engines import Record, dali_engine_available, encode_batch, resolve_backend
-from helpers.models import ClipModel, PreprocessSpec, load_clip, preprocess_with_spec
+from helpers.models import ClipModel, PreprocessSpec, prepare, preprocess_with_spec
 
 if TYPE_CHECKING:
     import ray.data
@@ -360,8 +360,19 @@ class Encoder:
     makes one fail once).
     """
 
-    def __init__(self, model_name: str, amp: bool = True, dali: bool = False, dali_threads: int = 2) -> None:
-        self.model: ClipModel = load_clip(model_name)
+    def __init__(
+        self,
+        model_name: str,
+        amp: bool = True,
+        dali: bool = False,
+        dali_threads: int = 2,
+        run_check: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        # Checked once here too: an actor on another node may load other weights than the driver.
+        self.model: ClipModel = prepare(model_name, run_check=run_check, trust_remote_code=trust_remote_code)[
+            0
+        ]
         self.fingerprint = self.model.fingerprint
         self.amp = amp
         self.dali = dali
@@ -469,6 +480,8 @@ def build_dataset(
     amp: bool = True,
     dali: bool = False,
     encoder_cls: type[Encoder] = Encoder,
+    run_check: bool = True,
+    trust_remote_code: bool = False,
 ) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: file list → CPU tasks (read + preprocess) → actor pool (model).
 
@@ -492,7 +505,13 @@ def build_dataset(
         )
     return ds.map_batches(
         encoder_cls,
-        fn_constructor_kwargs={"model_name": model_name, "amp": amp, "dali": dali},
+        fn_constructor_kwargs={
+            "model_name": model_name,
+            "amp": amp,
+            "dali": dali,
+            "run_check": run_check,
+            "trust_remote_code": trust_remote_code,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=plan.num_actors),
@@ -550,6 +569,8 @@ def iter_embeddings(
     num_cpus: int | None = None,
     stats: RunStats | None = None,
     encoder_cls: type[Encoder] = Encoder,
+    run_check: bool = True,
+    trust_remote_code: bool = False,
 ) -> Iterator[list[Record]]:
     """Embed every file of ``paths`` on Ray: lists of Records in input order, each index once.
 
@@ -558,7 +579,9 @@ def iter_embeddings(
     inside the actors, ``"auto"`` picks it when DALI and a GPU are here, else CPU tasks.
     ``num_workers`` CPU tasks and ``num_actors`` actors run at once (default: :func:`plan_resources`).
     Ray is started with :func:`start` (``address``, ``num_cpus``) unless it is up already, and shut
-    down at the end if this call started it. ``progress`` shows a bar of rows done.
+    down at the end if this call started it. ``progress`` shows a bar of rows done. Every actor runs
+    :func:`helpers.models.check` once after loading unless ``run_check`` is False; ``trust_remote_code``
+    is passed to its :func:`helpers.models.load_clip`.
     """
     from tqdm.auto import tqdm
 
@@ -581,7 +604,16 @@ def iter_embeddings(
         )
         stats.plan = plan
         dataset = build_dataset(
-            model.name, files, model.preprocess_spec, plan, batch_size, amp, dali, encoder_cls
+            model.name,
+            files,
+            model.preprocess_spec,
+            plan,
+            batch_size,
+            amp,
+            dali,
+            encoder_cls,
+            run_check=run_check,
+            trust_remote_code=trust_remote_code,
         )
         begin = time.perf_counter()
         pending: dict[int, Record] = {}

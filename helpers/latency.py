@@ -1,4 +1,5 @@
-"""Latency distributions: time every call on its own, then read percentiles and draw a histogram.
+"""Latency distributions: time every call on its own, then read percentiles (the histogram is
+:func:`helpers.plots.latency_histogram`).
 
 ``helpers.timing`` answers "how fast on average?" with a median; this module answers "how slow can
 one call be?": the first call, p90/p99 and the worst call, which a median hides.
@@ -8,13 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.benchmark.utils.timer import timer as clock  # waits for the GPU before reading
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 PERCENTILES: tuple[int, ...] = (50, 90, 99)
 
@@ -96,33 +93,3 @@ def to_markdown(latencies: Sequence[Latency]) -> str:
             f"{r['p99_ms']:.3f} | {r['max_ms']:.3f} | {r['max_over_p50']:.1f}× |"
         )
     return "\n".join(lines)
-
-
-def histogram(latencies: Sequence[Latency], title: str = "", bins: int = 40) -> Figure:
-    """Overlaid histograms of per-call latency (ms, log-scaled x axis), p50 and p99 marked per variant."""
-    import matplotlib.pyplot as plt
-
-    from helpers.plots import setup_japanese
-
-    setup_japanese()
-    all_ms = np.concatenate([np.asarray(lat.samples) * 1e3 for lat in latencies])
-    low, high = float(all_ms.min()), float(all_ms.max())
-    edges = np.geomspace(low * 0.95, high * 1.05, bins + 1) if high > low > 0 else bins
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, lat in enumerate(latencies):
-        color = f"C{i}"
-        ax.hist(
-            np.asarray(lat.samples) * 1e3, bins=edges, histtype="step", lw=1.8, color=color, label=lat.name
-        )
-        ax.axvline(lat.p50 * 1e3, color=color, ls="-", lw=0.8, alpha=0.7)
-        ax.axvline(lat.percentile(99) * 1e3, color=color, ls="--", lw=0.8, alpha=0.7)
-    if high > low > 0:
-        ax.set_xscale("log")
-    ax.set_xlabel("1 回の呼び出しの時間 (ms, 対数軸)   実線: p50, 破線: p99")
-    ax.set_ylabel("回数")
-    if title:
-        ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig

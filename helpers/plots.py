@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
+    from helpers.latency import Latency
     from helpers.timing import ResultsTable
 
 
@@ -150,5 +153,34 @@ def speedup_bar(
     ax.set_xlabel("倍 (1.0 = 基準と同じ速さ)")
     ax.set_title(title)
     ax.margins(x=0.15)
+    fig.tight_layout()
+    return fig
+
+
+def latency_histogram(latencies: Sequence[Latency], title: str = "", bins: int = 40) -> Figure:
+    """Overlaid histograms of per-call latency (ms, log-scaled x axis) of :class:`helpers.latency.Latency`
+    samples, p50 and p99 marked per variant."""
+    import matplotlib.pyplot as plt
+
+    setup_japanese()
+    all_ms = np.concatenate([np.asarray(lat.samples) * 1e3 for lat in latencies])
+    low, high = float(all_ms.min()), float(all_ms.max())
+    edges = np.geomspace(low * 0.95, high * 1.05, bins + 1) if high > low > 0 else bins
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, lat in enumerate(latencies):
+        color = f"C{i}"
+        ax.hist(
+            np.asarray(lat.samples) * 1e3, bins=edges, histtype="step", lw=1.8, color=color, label=lat.name
+        )
+        ax.axvline(lat.p50 * 1e3, color=color, ls="-", lw=0.8, alpha=0.7)
+        ax.axvline(lat.percentile(99) * 1e3, color=color, ls="--", lw=0.8, alpha=0.7)
+    if high > low > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel("1 回の呼び出しの時間 (ms, 対数軸)   実線: p50, 破線: p99")
+    ax.set_ylabel("回数")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

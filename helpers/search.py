@@ -128,13 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=10, help="表示する件数 (既定 10)")
     parser.add_argument("--model", help="モデル名 (既定: 埋め込みファイルに記録されたモデル)")
     parser.add_argument("--chunk-rows", type=int, default=65_536, help="一度に読む行数")
+    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Search and print ``score  path`` lines; raises SearchError (and ModelLoadError) on problems."""
     from helpers.data import ImageReadError
-    from helpers.models import load_clip
+    from helpers.models import prepare
 
     if (args.query is None) == (args.image is None):
         raise SearchError("文 (QUERY) か --image のどちらか一方を指定してください")
@@ -146,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
         raise SearchError(f"埋め込みファイルが見つかりません: {args.embeddings}") from None
     except (OSError, ValueError) as err:
         raise SearchError(f"埋め込みファイルを読めません: {args.embeddings} ({err})") from None
-    model = load_clip(args.model or info.model_name)
+    model, note = prepare(
+        args.model or info.model_name, run_check=not args.no_check, trust_remote_code=args.trust_remote_code
+    )
+    print(note, file=sys.stderr)
     if model.fingerprint != info.model_fingerprint:
         raise SearchError(
             f"{args.embeddings} の埋め込みは別のモデルで作られています: ファイルは {info.model_name}"

@@ -26,16 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from helpers.clip_compat import quiet_transformers
-from helpers.shapes import COLORS, LABELS, SHAPES, draw_shape, make_dataset
-from helpers.tiny_clip_model import TinyClipConfig, TinyClipModel, contrastive_loss, register
-
-MODEL_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny-clip-ja"
-"""The shipped model folder (config, weights, tokenizer, image processor, model card)."""
+from helpers import zeroshot
+from helpers.fixtures.shapes import COLORS, LABELS, SHAPES, draw_shape, make_dataset
+from helpers.models.compat import quiet_transformers
+from helpers.models.embedded import (
+    MODEL_DIR,
+    TinyClipConfig,
+    TinyClipModel,
+    contrastive_loss,
+    register,
+)
 
 TEMPLATES: tuple[str, ...] = ("{}", "{}の絵", "{}の画像", "{}のイラスト")
 """Caption templates used in training, the bare label ``"{}"`` first."""
@@ -156,12 +159,12 @@ def _label_embeddings(
     model: TinyClipModel, tokenizer: PreTrainedTokenizerFast, labels: Sequence[str], templates: Sequence[str]
 ) -> torch.Tensor:
     """One normalised text embedding per label, averaged over ``templates`` (a prompt ensemble)."""
-    per_template = []
-    for template in templates:
-        tokens = tokenizer([template.format(label) for label in labels], padding=True, return_tensors="pt")
-        feats = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
-        per_template.append(F.normalize(feats, dim=-1))
-    return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        return model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+
+    return zeroshot.label_embeddings(encode, labels, templates)
 
 
 @torch.no_grad()
@@ -180,8 +183,7 @@ def zero_shot_accuracy(
     for start in range(0, len(images), 250):
         chunk = [np.asarray(im) for im in images[start : start + 250]]
         pixels = processor(images=chunk, return_tensors="pt")["pixel_values"]
-        image = F.normalize(model.get_image_features(pixels), dim=-1)
-        predicted = (image @ text.T).argmax(dim=-1)
+        predicted = zeroshot.cosine(model.get_image_features(pixels), text).argmax(dim=-1)
         correct += int((predicted == torch.as_tensor(targets[start : start + 250])).sum())
     return correct / len(images)
 
@@ -375,8 +377,6 @@ def _portable_tokenizer_class(folder: Path) -> None:
 
 def write_model_card(out: Path, summary: dict, scores: dict[str, float]) -> None:
     """Write ``README.md`` (the model card) into ``out`` from the training summary and measured scores."""
-    from helpers.tiny_clip_model import MODEL_TYPE  # noqa: F401 - documents the model_type below
-
     mb = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e6
     card = MODEL_CARD.format(
         params=f"{summary['parameters']:,}",

@@ -5,9 +5,10 @@ The package is not on PyPI; it installs from its git repository, without its pin
 
     %pip install --no-deps git+https://github.com/rinnakk/japanese-clip.git
 
-It was written for transformers 4.x and huggingface_hub < 0.26: :func:`helpers.clip_compat.apply_legacy_shims`
-supplies what it imports (``huggingface_hub.cached_download``, ``transformers.modeling_utils.ModelOutput``)
-and lets its ``is_composition`` configs print. It also needs torchvision (Colab has it).
+It was written for transformers 4.x and huggingface_hub < 0.26:
+:func:`helpers.models.compat.apply_legacy_shims` supplies what it imports
+(``huggingface_hub.cached_download``, ``transformers.modeling_utils.ModelOutput``) and lets its
+``is_composition`` configs print. It also needs torchvision (Colab has it).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from helpers.clip_compat import apply_legacy_shims, as_features, quiet_transformers
-from helpers.models import CLIP_MEAN, CLIP_STD, ClipModel, ModelLoadError, PreprocessSpec, learned_logit_scale
-from helpers.models_hf import explain_load_error, hub_offline, offline_plan
+from helpers.models.base import CLIP_MEAN, CLIP_STD, ClipModel, ModelLoadError, PreprocessSpec, scoring_of
+from helpers.models.compat import apply_legacy_shims, as_features, quiet_transformers
+from helpers.models.hub import explain_load_error, hub_offline, offline_plan
 
 __all__ = ["INSTALL_COMMAND", "RinnaClip", "load_rinna"]
 
@@ -85,7 +86,7 @@ def load_rinna(name: str, device: torch.device, dtype: torch.dtype) -> RinnaClip
     except Exception as err:
         raise ModelLoadError(explain_load_error(name, err)) from err
     module.float().eval().requires_grad_(False)
-    scale, scale_source = learned_logit_scale(module)  # from the float32 weights
+    scoring = scoring_of(module)  # from the float32 weights
     module.to(device=device, dtype=dtype)
     size = int(module.config.vision_config.image_size)
     return RinnaClip(
@@ -94,8 +95,7 @@ def load_rinna(name: str, device: torch.device, dtype: torch.dtype) -> RinnaClip
         kind="real",
         module=module,
         preprocess_spec=PreprocessSpec(size, "shorter", "bilinear", CLIP_MEAN, CLIP_STD),
-        logit_scale=scale,
-        logit_scale_source=scale_source,
+        scoring=scoring,
         device=device,
         dtype=dtype,
         package=package,

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 
 from helpers import REPO_ROOT, env
-from helpers.notebooks import notebooks
+from helpers.tooling.notebooks import notebooks
 
 DEFAULT_OUT: Path = REPO_ROOT / "build" / "notebooks"
 

@@ -1,31 +1,8 @@
-"""Japanese CLIP models behind one small interface: :func:`load_clip`, :class:`ClipModel`, :func:`check`.
+"""What every backend of :mod:`helpers.models` shares: names, errors, the preprocessing spec and
+:class:`ClipModel`, the one interface all backends implement.
 
-Every backend gives the same object (:class:`ClipModel`)::
-
-    model = load_clip()                      # the argument, else $CLIP_MODEL, else "auto"
-    pixels = model.preprocess([image])       # float32 [B, 3, H, W] on the CPU
-    image_features = model.encode_images(pixels)      # [B, D], unnormalised, as the model gives them
-    text_features = model.encode_texts(["猫の写真"])  # [T, D]
-    model.logit_scale                        # the model's own inverse temperature (a float)
-    model.preprocess_spec                    # size, resize rule, interpolation, mean/std: for DALI
-
-Model names (:func:`load_clip`):
-
-- ``"line-corporation/clip-japanese-base"`` (:data:`DEFAULT_MODEL`): the real default; remote code
-  with a timm EVA02 image tower (needs timm, hence torchvision: Colab and the GPU machine have both).
-- ``"rinna/japanese-cloob-vit-b-16"``, ``"rinna/japanese-clip-vit-b-16"``: through rinna's optional
-  ``japanese_clip`` package (:mod:`helpers.models_rinna`).
-- ``"embedded"`` (alias ``"tiny"``): the tiny CLIP shipped in ``helpers/assets/tiny-clip-ja``
-  (:mod:`helpers.tiny_clip`); meaningful only on drawn shapes. Runs anywhere, offline.
-- ``"random:vit-b16"`` (alias ``"vit-b16-random"``): a random-initialised CLIP of ViT-B/16 size for
-  speed measurements; no download, fixed seed, meaningless answers.
-- any local folder saved with ``save_pretrained`` (config, weights, tokenizer, image processor),
-  or another hub id that ``AutoModel`` understands.
-- ``"auto"``: :data:`DEFAULT_MODEL` when the hub answers, else ``"embedded"`` with a one-line notice.
-
-A model that was asked for by name and cannot load raises :class:`ModelLoadError` (cause and what
-to do); only ``"auto"`` falls back. :func:`check` classifies a known picture and raises
-:class:`ModelCheckError` when the answer is wrong: run it once after loading a real model.
+Backends import this module (and :mod:`helpers.models.hub`), never each other or the package's
+``__init__``, so the model layer has no import cycle.
 """
 
 from __future__ import annotations
@@ -33,24 +10,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from helpers import env
+from helpers import zeroshot
+from helpers.zeroshot import Scoring
 
 if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "ALIASES",
     "AUTO",
     "CLIP_MEAN",
     "CLIP_STD",
@@ -58,15 +33,15 @@ __all__ = [
     "EMBEDDED",
     "RANDOM_VIT_B16",
     "RINNA_MODELS",
+    "TRUSTED_REMOTE_CODE",
     "ClipModel",
     "ModelCheckError",
     "ModelLoadError",
     "PreprocessSpec",
-    "check",
+    "Scoring",
     "describe",
-    "load_clip",
     "preprocess_with_spec",
-    "requested_model",
+    "scoring_of",
 ]
 
 DEFAULT_MODEL = "line-corporation/clip-japanese-base"
@@ -78,16 +53,15 @@ EMBEDDED = "embedded"
 RANDOM_VIT_B16 = "random:vit-b16"
 """A random-initialised ViT-B/16-sized CLIP for speed measurements."""
 AUTO = "auto"
-"""The default real model when the hub answers, else the embedded one."""
+"""The default real model when the hub answers; else the embedded one in notebooks, an error in commands."""
+TRUSTED_REMOTE_CODE: tuple[str, ...] = (DEFAULT_MODEL,)
+"""Hub ids whose remote code is run without asking (a local folder's code only with ``trust_remote_code``)."""
 ALIASES: dict[str, str] = {"tiny": EMBEDDED, "vit-b16-random": RANDOM_VIT_B16}
 """Other spellings accepted by :func:`load_clip` (bench's ``--arch vit-b16-random`` among them)."""
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 """OpenAI CLIP's normalisation on the 0-1 scale (rinna, the random model and the tiny CLIP use it)."""
-
-OFFLINE_NOTICE = "Hugging Face Hub に接続できないため、同梱の小さなモデル (embedded) を使います。"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelLoadError(RuntimeError):
@@ -208,12 +182,12 @@ def _as_pil_list(images: Any) -> list[Image.Image]:
 class ClipModel:
     """One CLIP model, the same small interface whatever the backend.
 
-    Attributes: ``name`` (as asked for), ``backend`` (``"hf"``, ``"rinna"`` or ``"random"``),
-    ``kind`` (``"real"``, ``"embedded"`` or ``"random"``: what :func:`check` can expect of it),
-    ``module`` (the underlying ``torch.nn.Module``), ``device``, ``dtype``, ``logit_scale`` (the
-    model's own inverse temperature) with ``logit_scale_source`` (where it came from), and
-    ``preprocess_spec``. Backends implement ``_preprocess``, ``_tokenize``, ``_image_features``
-    and ``_text_features``.
+    Attributes: ``name`` (as asked for), ``backend`` (``"hf"``, ``"siglip"``, ``"rinna"`` or
+    ``"random"``), ``kind`` (``"real"``, ``"embedded"`` or ``"random"``: what
+    :func:`~helpers.models.check` can expect of it), ``module`` (the underlying ``torch.nn.Module``),
+    ``device``, ``dtype``, ``scoring`` (the model's own rule for turning cosines into probabilities:
+    a :class:`~helpers.zeroshot.Scoring`) and ``preprocess_spec``. Backends implement
+    ``_preprocess``, ``_tokenize``, ``_image_features`` and ``_text_features``.
     """
 
     def __init__(
@@ -224,8 +198,7 @@ class ClipModel:
         kind: str,
         module: nn.Module,
         preprocess_spec: PreprocessSpec,
-        logit_scale: float,
-        logit_scale_source: str,
+        scoring: Scoring,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
@@ -234,8 +207,7 @@ class ClipModel:
         self.kind = kind
         self.module = module
         self.preprocess_spec = preprocess_spec
-        self.logit_scale = float(logit_scale)
-        self.logit_scale_source = logit_scale_source
+        self.scoring = scoring
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -302,6 +274,25 @@ class ClipModel:
         return self
 
     @property
+    def logit_scale(self) -> float:
+        """The model's own inverse temperature (``scoring.scale``)."""
+        return self.scoring.scale
+
+    @property
+    def logit_scale_source(self) -> str:
+        """Where :attr:`logit_scale` came from, in words."""
+        return self.scoring.source
+
+    def label_features(self, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
+        """Normalised float32 text features [T, D] on the CPU, one per label (a prompt ensemble when
+        several ``templates`` are given: :func:`helpers.zeroshot.label_embeddings`)."""
+        return zeroshot.label_embeddings(lambda texts: self.encode_texts(texts).cpu(), labels, templates)
+
+    def probabilities(self, image_features: torch.Tensor, label_features: torch.Tensor) -> torch.Tensor:
+        """Label probabilities [N, T] by the model's own :attr:`scoring` (softmax or per-label sigmoid)."""
+        return zeroshot.probabilities(image_features, label_features, self.scoring)
+
+    @property
     def n_params(self) -> int:
         """Number of parameters."""
         return sum(p.numel() for p in self.module.parameters())
@@ -363,221 +354,45 @@ def _config_json(module: nn.Module) -> str:
 
 
 def describe(model: ClipModel) -> str:
-    """A one-line summary: name, backend, device, dtype, parameters, logit scale."""
+    """A one-line summary: name, backend, device, dtype, parameters, scoring rule."""
     dtype = str(model.dtype).removeprefix("torch.")
     return (
         f"{model.name} | backend={model.backend} ({model.kind}) | device={model.device} | dtype={dtype}"
         f" | params={model.n_params / 1e6:.{1 if model.n_params >= 10_000_000 else 2}f}M"
-        f" | logit_scale={model.logit_scale:.2f} ({model.logit_scale_source})"
+        f" | scoring={model.scoring.describe()} ({model.scoring.source})"
     )
 
 
-def learned_logit_scale(module: nn.Module) -> tuple[float, str]:
-    """The model's own inverse temperature and where it came from.
+def scoring_of(module: nn.Module) -> Scoring:
+    """The model's own scoring rule, read from its weights; :class:`ModelLoadError` when it has none.
 
     LINE: ``1 / itc_loss_fn.temperature`` (a learned temperature, as its ``forward`` divides by it);
-    CLIP-style models: ``logit_scale.exp()`` (stored as a log); rinna's CLOOB: its fixed
-    ``inv_tau`` (the CLOOB recipe fixes 1/τ = 30 rather than learning it). Otherwise CLIP's usual
-    ceiling, 100.
+    SigLIP: ``logit_scale.exp()`` and ``logit_bias``, per-label sigmoid; CLIP-style models:
+    ``logit_scale.exp()`` (stored as a log); rinna's CLOOB: its fixed ``inv_tau`` (the CLOOB recipe
+    fixes 1/τ = 30 rather than learning it). A model with none of these is refused rather than
+    given a made-up scale: its probabilities would mean nothing.
     """
     loss_fn = getattr(module, "itc_loss_fn", None)
     temperature = getattr(loss_fn, "temperature", None)
     if temperature is not None:
-        return 1.0 / float(temperature), "1/itc_loss_fn.temperature (learned)"
+        return Scoring("softmax", 1.0 / float(temperature), source="1/itc_loss_fn.temperature (learned)")
     log_scale = getattr(module, "logit_scale", None)
+    bias = getattr(module, "logit_bias", None)
+    if isinstance(log_scale, torch.Tensor) and isinstance(bias, torch.Tensor):
+        return Scoring(
+            "sigmoid",
+            float(log_scale.detach().float().exp()),
+            float(bias.detach().float().reshape(-1)[0]),
+            source="logit_scale.exp(), logit_bias (learned, SigLIP)",
+        )
     if isinstance(log_scale, torch.Tensor):
-        return float(log_scale.detach().float().exp()), "logit_scale.exp() (learned)"
+        return Scoring(
+            "softmax", float(log_scale.detach().float().exp()), source="logit_scale.exp() (learned)"
+        )
     inv_tau = getattr(module, "inv_tau", None)
     if inv_tau is not None:
-        return float(inv_tau), "inv_tau (fixed, CLOOB)"
-    return 100.0, "default 100 (model has none)"
-
-
-# ---------------------------------------------------------------- choosing and loading
-
-
-def requested_model(name: str | None = None) -> str:
-    """The model asked for, spelled canonically: ``name``, else ``$CLIP_MODEL``, else ``"auto"``."""
-    chosen = (name or os.environ.get("CLIP_MODEL") or AUTO).strip()
-    lowered = chosen.lower()
-    if lowered in {AUTO, EMBEDDED, RANDOM_VIT_B16} or lowered in ALIASES:
-        return ALIASES.get(lowered, lowered)
-    return chosen
-
-
-def _default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device(env.device())
-
-
-def _first_line(text: str) -> str:
-    return str(text).strip().splitlines()[0] if str(text).strip() else ""
-
-
-def load_clip(
-    name: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> ClipModel:
-    """Load a CLIP model by name (see the module docstring) on ``device`` (default: the GPU when
-    there is one) in ``dtype`` (default float32).
-
-    Resolution: ``name``, else the ``CLIP_MODEL`` environment variable, else ``"auto"``. ``"auto"``
-    loads :data:`DEFAULT_MODEL` when the hub answers (``helpers.env.hub_reachable``, at most ~3 s)
-    and otherwise the embedded model, printing one line that says so. A model asked for by name
-    never falls back: it raises :class:`ModelLoadError` with the cause and the fix.
-    """
-    requested = requested_model(name)
-    target_device = _default_device(device)
-    target_dtype = dtype or torch.float32
-    if requested != AUTO:
-        return _load_named(requested, target_device, target_dtype)
-    if not env.hub_reachable():
-        print(OFFLINE_NOTICE)
-        return _load_named(EMBEDDED, target_device, target_dtype)
-    try:
-        return _load_named(DEFAULT_MODEL, target_device, target_dtype)
-    except ModelLoadError as err:
-        print(
-            f"{DEFAULT_MODEL} を読み込めないため、同梱の小さなモデル (embedded) を使います:"
-            f" {_first_line(err)}"
-        )
-        return _load_named(EMBEDDED, target_device, target_dtype)
-
-
-def _load_named(name: str, device: torch.device, dtype: torch.dtype) -> ClipModel:
-    """Dispatch a canonical model name to its backend."""
-    from helpers import models_hf
-
-    if name == EMBEDDED:
-        return models_hf.load_embedded(device, dtype)
-    if name == RANDOM_VIT_B16:
-        return models_hf.load_random_vit_b16(device, dtype)
-    if name in RINNA_MODELS:
-        from helpers import models_rinna
-
-        return models_rinna.load_rinna(name, device, dtype)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return models_hf.load_pretrained(path, name=name, device=device, dtype=dtype)
-    if name == DEFAULT_MODEL:
-        return models_hf.load_line(device, dtype)
-    if _HUB_ID.match(name) and not name.startswith(("./", "../")):
-        return models_hf.load_pretrained(name, name=name, device=device, dtype=dtype)
-    choices = ", ".join([AUTO, DEFAULT_MODEL, *RINNA_MODELS, EMBEDDED, RANDOM_VIT_B16])
+        return Scoring("softmax", float(inv_tau), source="inv_tau (fixed by the CLOOB recipe)")
     raise ModelLoadError(
-        f"モデル {name!r} が見つかりません (フォルダーでも Hub の名前でもありません)。選べる名前: {choices}、"
-        "または save_pretrained で保存したフォルダー。"
+        f"{type(module).__name__} には logit scale がありません (itc_loss_fn.temperature, logit_scale,"
+        " inv_tau のどれもない): 確率を計算できないので、このモデルは使えません。"
     )
-
-
-# ---------------------------------------------------------------- the sanity check
-
-PHOTO_LABELS: tuple[str, ...] = ("犬", "猫", "象", "車")
-PHOTO_TEMPLATE = "{}の写真"
-PHOTO_ANSWER = "猫"
-SHAPE_LABELS: tuple[str, ...] = ("赤い丸", "青い三角", "緑の四角", "黄色い星")
-SHAPE_SEEDS: tuple[int, ...] = (1, 2)
-
-
-def _zero_shot_probs(model: ClipModel, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
-    """softmax(logit_scale × cosine similarity) [images, texts], after checking features are finite."""
-    image_features = model.encode_images(images).float()
-    text_features = model.encode_texts(texts).float()
-    for what, feats, n in (("画像", image_features, len(images)), ("テキスト", text_features, len(texts))):
-        if feats.ndim != 2 or feats.shape[0] != n:
-            raise ModelCheckError(
-                f"{what}の特徴量の形が [{n}, D] ではありません: {list(feats.shape)} ({model.name})"
-            )
-        if not torch.isfinite(feats).all():
-            raise ModelCheckError(
-                f"{what}の特徴量に NaN/inf が含まれます ({model.name})。{_likely_causes(model)}"
-            )
-    if image_features.shape[1] != text_features.shape[1]:
-        raise ModelCheckError(
-            f"画像とテキストの特徴量の次元が違います: {image_features.shape[1]} と {text_features.shape[1]}"
-        )
-    logits = model.logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    return logits.softmax(dim=-1).cpu()
-
-
-def _likely_causes(model: ClipModel) -> str:
-    """What usually makes a model answer wrongly, and what to do, for this model."""
-    import transformers
-
-    causes = []
-    if model.dtype in (torch.float16, torch.bfloat16) and model.device.type == "cpu":
-        causes.append("CPU で float16/bfloat16 は不安定です: dtype=torch.float32 で読み込んでください")
-    if model.name == DEFAULT_MODEL or any(
-        type(m).__module__.startswith("timm.") for m in model.module.modules()
-    ):
-        causes.append(
-            f"transformers {transformers.__version__} で EVA02 の回転位置埋め込み (RoPE) バッファが"
-            "未初期化のまま"
-            " (helpers.clip_compat.reinit_non_persistent_buffers が効いていない): timm を更新するか、"
-            "`%pip install transformers==4.51.3` で試してください"
-        )
-    elif model.backend == "rinna":
-        causes.append(
-            f"japanese_clip と transformers {transformers.__version__} の組み合わせ: "
-            "`%pip install transformers==4.51.3` で試してください"
-        )
-    elif model.kind == "embedded":
-        causes.append(
-            "同梱モデルの重みが壊れているか古い: `python -m helpers.tiny_clip train` で作り直してください"
-        )
-    causes.append("前処理 (preprocess_spec) がモデルの学習時と違う")
-    return "考えられる原因: " + " / ".join(causes)
-
-
-def check(model: ClipModel) -> str:
-    """Classify a known picture and return a one-line Japanese OK message, or raise :class:`ModelCheckError`.
-
-    - real models: the cat photo ``sample_images/cat.jpg`` among 「犬」「猫」「象」「車」
-      (template 「{}の写真」, normalised features × logit scale → softmax) must come out 「猫」 with
-      probability ≥ 0.5;
-    - the embedded model: drawn shapes (:func:`helpers.tiny_clip.draw_shape`) of four labels, two
-      pictures each, classified among those labels: at least 7 of 8 right;
-    - ``random:vit-b16``: only the shapes and finiteness of the features (random weights have no
-      meaningful answer).
-
-    NaN/inf features always fail, with the likely cause.
-    """
-    if model.kind == "random":
-        image = Image.new("RGB", (320, 240), (120, 140, 160))
-        _zero_shot_probs(model, [image], [PHOTO_TEMPLATE.format(x) for x in PHOTO_LABELS])
-        return (
-            f"モデル確認 OK ({model.name}): 特徴量の形と値 (NaN/inf なし) を確認しました。"
-            "重みがランダムなので答えの正しさは確かめません。"
-        )
-    if model.kind == "embedded":
-        from helpers import tiny_clip
-
-        pictures = [
-            (label, tiny_clip.draw_shape(label, seed)) for seed in SHAPE_SEEDS for label in SHAPE_LABELS
-        ]
-        probs = _zero_shot_probs(model, [p for _, p in pictures], list(SHAPE_LABELS))
-        answers = [SHAPE_LABELS[i] for i in probs.argmax(dim=-1).tolist()]
-        right = sum(a == label for a, (label, _) in zip(answers, pictures, strict=True))
-        if right < len(pictures) - 1:
-            wrong = "、".join(
-                f"{label}→{a}" for a, (label, _) in zip(answers, pictures, strict=True) if a != label
-            )
-            raise ModelCheckError(
-                f"モデル確認 NG ({model.name}): 図形 {len(pictures)} 枚中 {right} 枚しか正しく分類できません"
-                f" ({wrong})。{_likely_causes(model)}"
-            )
-        mean_p = float(probs.max(-1).values.mean())
-        return f"モデル確認 OK: 図形 {right}/{len(pictures)} 枚を正しく分類 (平均確率 {mean_p:.2f})"
-    from helpers.data import open_image, sample_photo
-
-    photo = open_image(sample_photo("cat"))
-    probs = _zero_shot_probs(model, [photo], [PHOTO_TEMPLATE.format(x) for x in PHOTO_LABELS])[0]
-    best = int(probs.argmax())
-    answer, p = PHOTO_LABELS[best], float(probs[best])
-    if answer != PHOTO_ANSWER or p < 0.5:
-        table = "、".join(f"{label} {float(q):.2f}" for label, q in zip(PHOTO_LABELS, probs, strict=True))
-        raise ModelCheckError(
-            f"モデル確認 NG ({model.name}): 猫の写真の答えが「{answer}」({p:.2f}) でした [{table}]。"
-            f"{_likely_causes(model)}"
-        )
-    return f"モデル確認 OK: {answer} ({p:.2f})"

@@ -1,7 +1,10 @@
-"""The tiny CLIP's architecture: a small conv image tower and a character-level text transformer.
+"""The embedded backend: the tiny Japanese CLIP in ``helpers/assets/tiny-clip-ja``, and its architecture.
 
-``TinyClipConfig``/``TinyClipModel`` are ordinary transformers classes; :func:`register` makes
-``AutoConfig``/``AutoModel.from_pretrained`` recognise ``model_type == "tiny-clip-ja"``.
+A small conv image tower and a character-level text transformer, trained on drawn shapes by
+``python -m helpers.tiny_clip train`` (:mod:`helpers.tiny_clip`). ``TinyClipConfig`` /
+``TinyClipModel`` are ordinary transformers classes; :func:`register` makes
+``AutoConfig``/``AutoModel.from_pretrained`` recognise ``model_type == "tiny-clip-ja"``, and
+:func:`load_embedded` loads the shipped folder through the same ``from_pretrained`` path as hub models.
 ``get_image_features``/``get_text_features`` return plain, *unnormalised* tensors (as CLIP's
 towers do); the forward pass normalises them, multiplies by ``logit_scale.exp()`` and, with
 ``return_loss=True``, computes the contrastive loss.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,22 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from helpers.models.base import EMBEDDED, ModelLoadError
+from helpers.models.hf import HFClip, load_pretrained
+
+__all__ = [
+    "MODEL_DIR",
+    "MODEL_TYPE",
+    "TinyClipConfig",
+    "TinyClipModel",
+    "contrastive_loss",
+    "load_embedded",
+    "register",
+]
+
 MODEL_TYPE = "tiny-clip-ja"
+MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-clip-ja"
+"""The shipped model folder (config, weights, tokenizer, image processor, model card)."""
 
 
 class TinyClipConfig(PretrainedConfig):
@@ -212,3 +231,16 @@ def register() -> None:
         AutoConfig.register(MODEL_TYPE, TinyClipConfig)
     with contextlib.suppress(ValueError):
         AutoModel.register(TinyClipConfig, TinyClipModel)
+
+
+def load_embedded(
+    device: torch.device, dtype: torch.dtype, model_dir: str | Path = MODEL_DIR, name: str = EMBEDDED
+) -> HFClip:
+    """The tiny CLIP in ``model_dir`` (default: the shipped one), registered and loaded like a hub model."""
+    register()
+    if not (Path(model_dir) / "model.safetensors").exists():
+        raise ModelLoadError(
+            f"小さなモデル ({model_dir}) の重みがありません:"
+            " `python -m helpers.tiny_clip train` で作ってください。"
+        )
+    return load_pretrained(model_dir, name=name, device=device, dtype=dtype, kind="embedded")
