@@ -22,7 +22,8 @@ test: venv lint test-unit test-notebooks
 lint: venv
 	$(BIN)/ruff check helpers tests notebooks
 	$(BIN)/ruff format --check helpers tests
-	$(BIN)/python -m helpers.notebooks check
+	$(BIN)/lint-imports --no-logo --no-cache
+	$(BIN)/python -m helpers.tooling.notebooks check
 
 test-unit: venv
 	$(BIN)/python -m pytest tests
@@ -52,7 +53,7 @@ test-colab: $(COLAB_STAMP)
 
 ## make run: execute every notebook in order, headless; executed copies and a summary under build/
 run: venv
-	$(BIN)/python -m helpers.run_notebooks
+	$(BIN)/python -m helpers.tooling.run_notebooks
 
 ## make lab: JupyterLab on notebooks/ with the project's kernel
 lab: venv

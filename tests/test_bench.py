@@ -34,11 +34,11 @@ def test_bench_writes_three_files_and_every_variant_agrees(tmp_path: Path, capsy
 def test_arch_is_a_spelling_of_the_random_model(monkeypatch, tmp_path: Path) -> None:
     asked = []
 
-    def fake_load(name=None):
+    def fake_load(name=None, **kwargs):
         asked.append(name)
         raise SystemExit(0)
 
-    monkeypatch.setattr(bench, "load_clip", fake_load)
+    monkeypatch.setattr(bench, "prepare", fake_load)
     for argv in (["--arch", "vit-b16-random"], ["--model", "random:vit-b16"]):
         with pytest.raises(SystemExit):
             bench.main([*argv, "--out", str(tmp_path)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import classify, engines, shapes
+from helpers import classify, engines, env, models
+from helpers.fixtures import shapes
+from helpers.models import ModelCheckError, load_clip
 
 LABELS = "赤い丸,青い三角,緑の四角,黄色い星"
 GOOD = {  # file → the label drawn in it
@@ -110,9 +113,15 @@ def test_every_file_once_with_errors_named(folder: Path, tmp_path: Path, capsys)
         "prob_3",
         "error",
     ]
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert summary.startswith("16 files: 11 ok, 5 errors, 1 skipped (not images)")
-    assert summary.endswith("images/s")
+    captured = capsys.readouterr()
+    summary = captured.out.strip().splitlines()[-1]
+    assert summary.startswith("16 files: 11 ok, 5 errors, 1 skipped (not images), ")
+    fingerprint = load_clip("embedded", device="cpu").fingerprint
+    assert summary.endswith(f" images/s, model embedded ({fingerprint[:12]})")
+    assert "モデル確認 OK" in captured.err  # checked once, before any file
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text(encoding="utf-8"))
+    assert (sidecar["model"], sidecar["model_fingerprint"]) == ("embedded", fingerprint)
+    assert sidecar["scoring"] == "softmax" and sidecar["checked"] is True
 
 
 def test_worker_processes_give_the_same_answers(folder: Path, tmp_path: Path) -> None:
@@ -233,3 +242,31 @@ def test_empty_folder_exit_1(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert classify.main([str(tmp_path / "empty"), "--labels", "猫", "--out", str(tmp_path / "x.csv")]) == 1
     assert "画像がありません" in capsys.readouterr().err
+
+
+def test_auto_without_the_hub_stops_instead_of_answering_with_another_model(
+    folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """No --model, no CLIP_MODEL, no hub: exit 1 with one line naming --model embedded, no answers."""
+    monkeypatch.delenv("CLIP_MODEL", raising=False)
+    monkeypatch.setattr(env, "hub_reachable", lambda *a, **k: False)
+    out = tmp_path / "auto.csv"
+    assert classify.main([str(folder), "--labels", "犬,猫", "--out", str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "--model embedded" in lines[-1] and lines[-1].startswith("エラー:")
+    assert not out.exists() and "ok" not in captured.out
+
+
+def test_a_model_that_fails_its_check_answers_nothing(
+    folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    def wrong(model):
+        raise ModelCheckError("モデル確認 NG: stub")
+
+    monkeypatch.setattr(models, "check", wrong)
+    out = tmp_path / "checked.csv"
+    assert _run(folder, out, "--backend", "dataloader") == 1
+    assert "モデル確認 NG" in capsys.readouterr().err and not out.exists()
+    assert _run(folder, out, "--backend", "dataloader", "--no-check") == 2  # skipped, and said so
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(", not checked (--no-check)")

@@ -184,7 +184,12 @@ def test_workload_is_distinct_deterministic_and_cached(tmp_path) -> None:
     assert again == first and first[3].stat().st_mtime_ns == stamp
 
 
-def test_workload_default_size_is_the_reference() -> None:
-    assert data.WORKLOAD_SIZE == (1260, 750) and data.WORKLOAD_QUALITY == 90
+def test_workload_default_is_the_reference_photo_size_and_quality(tmp_path) -> None:
+    """By default the files are what the GPU reference numbers were measured on: 1260×750 JPEGs at q90."""
+    (path,) = data.make_workload(1, out_dir=tmp_path, progress=False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "q90.jpg", quality=90)
+    with Image.open(path) as image, Image.open(tmp_path / "q90.jpg") as q90:
+        assert image.size == (1260, 750) and image.format == "JPEG"
+        assert image.quantization == q90.quantization  # the encoder's tables for quality 90
     with pytest.raises(ValueError):
         data.make_workload(0)

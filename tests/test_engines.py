@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import helpers
-from helpers import engines, env, models_hf, shapes
+from helpers import engines, env
 from helpers.data import open_image
-from helpers.models import ClipModel, load_clip, preprocess_with_spec
+from helpers.fixtures import shapes
+from helpers.models import ClipModel, load_clip, preprocess_with_spec, random_vit
 
 BAD = {  # file name → a word its error reason must contain
     "empty.jpg": "empty",
@@ -110,7 +111,7 @@ def test_worker_preprocess_matches_the_model(model) -> None:
                         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 127},
         "projection_dim": 16,
     }  # fmt: skip
-    tiny_random = models_hf.load_random_vit_b16(torch.device("cpu"), torch.float32, config_overrides=small)
+    tiny_random = random_vit.load_random_vit_b16(torch.device("cpu"), torch.float32, config_overrides=small)
     spec = engines.worker_preprocess(tiny_random)
     assert spec is tiny_random.preprocess_spec  # its own preprocessing is preprocess_with_spec
     image = shapes.draw_shape("青い三角", 3, size=90).resize((90, 50))
@@ -219,10 +220,10 @@ def test_default_workers_follow_quick_mode(monkeypatch) -> None:
 
 def test_classify_and_probabilities(model, files) -> None:
     labels = ["赤い丸", "青い三角", "緑の四角", "黄色い星"]
-    text = engines.label_features(model, labels, templates=("{}", "{}の絵"))
+    text = model.label_features(labels, templates=("{}", "{}の絵"))
     assert text.shape[0] == 4 and torch.allclose(text.norm(dim=-1), torch.ones(4), atol=1e-5)
     records = _flatten(engines.iter_embeddings(model, files, "dataloader", 4, 0, progress=False))
-    predictions = engines.classify(records, text, model.logit_scale, labels, top_k=2)
+    predictions = engines.classify(records, text, model.scoring, labels, top_k=2)
     assert [p.index for p in predictions] == list(range(len(files)))
     answers = {p.path.name: p for p in predictions}
     assert answers["good0.jpg"].top[0][0] == "赤い丸" and answers["good3.jpg"].top[0][0] == "黄色い星"
@@ -230,11 +231,11 @@ def test_classify_and_probabilities(model, files) -> None:
     first = answers["good0.jpg"]
     assert len(first.top) == 2 and first.top[0][1] >= first.top[1][1] and -1 <= first.best_cosine <= 1
     embeddings = torch.stack([r.embedding for r in records if r.status == "ok"])
-    probs = engines.zero_shot_probs(embeddings * 3, text * 2, model.logit_scale)  # scale-free
+    probs = model.probabilities(embeddings * 3, text * 2)  # scale-free
     assert torch.allclose(probs.sum(-1), torch.ones(len(embeddings)))
     assert abs(float(probs[0].max()) - first.top[0][1]) < 1e-5
     with pytest.raises(ValueError):
-        engines.classify(records, text[:2], model.logit_scale, labels)
+        engines.classify(records, text[:2], model.scoring, labels)
 
 
 def test_image_file_dataset_reports_preprocessing_failures(tmp_path: Path) -> None:

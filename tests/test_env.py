@@ -25,11 +25,22 @@ def test_colab_detected_with_stand_in_module(monkeypatch: pytest.MonkeyPatch, tm
     assert env.in_colab() is True
 
 
-def test_device_is_cpu_without_gpu() -> None:
-    assert env.device() == ("cuda" if env.cuda_available() else "cpu")
-    if not env.cuda_available():
-        assert env.gpu_name() is None
-        assert env.dali_gpu_ok() is False
+@pytest.mark.parametrize(("has_gpu", "expected"), [(True, "cuda"), (False, "cpu")])
+def test_device_follows_what_torch_sees(
+    monkeypatch: pytest.MonkeyPatch, has_gpu: bool, expected: str
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
+    assert env.cuda_available() is has_gpu and env.device() == expected
+
+
+def test_no_gpu_means_no_name_and_no_dali_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert env.gpu_name() is None
+    assert env.dali_gpu_ok() is False
 
 
 def test_dali_version_is_a_string_or_none() -> None:
@@ -67,10 +78,12 @@ def test_quick_mode(monkeypatch: pytest.MonkeyPatch, quick: str, ci: str | None,
     assert env.quick_mode() is expected
 
 
-def test_quick_without_gpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("has_gpu", "quick"), [(True, False), (False, True)])
+def test_quick_without_gpu_by_default(monkeypatch: pytest.MonkeyPatch, has_gpu: bool, quick: bool) -> None:
     monkeypatch.delenv("TUTORIAL_QUICK", raising=False)
     monkeypatch.delenv("CI", raising=False)
-    assert env.quick_mode() is (not env.cuda_available())
+    monkeypatch.setattr(env, "cuda_available", lambda: has_gpu)
+    assert env.quick_mode() is quick
 
 
 def test_workload_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,12 +110,12 @@ def test_display_width_counts_wide_characters() -> None:
     assert env.display_width("デバイス") == 8
 
 
-def test_usable_cpus_counts_the_affinity_mask_and_engines_shares_it() -> None:
+def test_usable_cpus_counts_the_affinity_mask_not_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``taskset -c 0,3`` on a 16-core machine: 2 cores to use, not 16."""
     import os
 
-    from helpers import engines
-
-    assert 1 <= env.usable_cpus() <= (os.cpu_count() or 1)
-    if hasattr(os, "sched_getaffinity"):
-        assert env.usable_cpus() == len(os.sched_getaffinity(0))
-    assert engines.usable_cpus is env.usable_cpus
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    assert env.usable_cpus() == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: no mask, the machine's count
+    assert env.usable_cpus() == 16

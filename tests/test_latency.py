@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from helpers.latency import Latency, histogram, time_calls, to_markdown
+from helpers.latency import Latency, time_calls, to_markdown
+from helpers.plots import latency_histogram as histogram
 
 
 def test_time_calls_times_every_call_without_warmup() -> None:

@@ -32,16 +32,7 @@ import torch
 from PIL import Image
 
 import helpers.models as models
-import helpers.models_hf as models_hf
 from helpers import REPO_ROOT, env, tiny_clip
-from helpers.clip_compat import (
-    apply_legacy_shims,
-    as_features,
-    ensure_post_init,
-    non_persistent_buffer_names,
-    quiet_transformers,
-    reinit_non_persistent_buffers,
-)
 from helpers.models import (
     CLIP_MEAN,
     CLIP_STD,
@@ -55,9 +46,20 @@ from helpers.models import (
     PreprocessSpec,
     check,
     describe,
+    hub,
     load_clip,
     preprocess_with_spec,
+    random_vit,
     requested_model,
+)
+from helpers.models import hf as models_hf
+from helpers.models.compat import (
+    apply_legacy_shims,
+    as_features,
+    ensure_post_init,
+    non_persistent_buffer_names,
+    quiet_transformers,
+    reinit_non_persistent_buffers,
 )
 
 CPU = torch.device("cpu")
@@ -146,10 +148,10 @@ def embedded_like_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def as_embedded(monkeypatch, embedded_like_dir):
-    """Make ``helpers.tiny_clip.MODEL_DIR`` point at :func:`embedded_like_dir` (the "embedded" model)."""
-    import helpers.tiny_clip as tc
+    """Point ``helpers.models.embedded.MODEL_DIR`` at :func:`embedded_like_dir` (the "embedded" model)."""
+    from helpers.models import embedded
 
-    monkeypatch.setattr(tc, "MODEL_DIR", embedded_like_dir)
+    monkeypatch.setattr(embedded, "MODEL_DIR", embedded_like_dir)
     return embedded_like_dir
 
 
@@ -175,10 +177,11 @@ def _assert_contract(model: ClipModel, size: int) -> None:
     assert torch.allclose(model.encode_images([_picture(), _picture(40, 90, 1)]), image, atol=1e-5)
     assert torch.allclose(model.encode_texts("犬"), text[1:2], atol=1e-5)
     assert torch.allclose(model.encode_images(pixels, batch_size=1), image, atol=1e-5)
-    assert isinstance(model.logit_scale, float) and model.logit_scale > 0
-    assert model.n_params > 0 and len(model.fingerprint) == 16 and model.fingerprint == model.fingerprint
+    assert isinstance(model.logit_scale, float) and model.logit_scale == model.scoring.scale > 0
+    assert model.n_params > 0 and len(model.fingerprint) == 16
     line = describe(model)
-    assert "\n" not in line and model.name in line and model.backend in line and "logit_scale" in line
+    assert "\n" not in line and model.name in line and model.backend in line
+    assert f"scoring={model.scoring.kind}" in line and model.scoring.source in line
 
 
 # ---------------------------------------------------------------- outputs and shims
@@ -356,7 +359,7 @@ def recorded(monkeypatch):
     """Replace the loading itself: record which canonical name load_clip would load."""
     names: list[str] = []
 
-    def fake(name, device, dtype):
+    def fake(name, device, dtype, trust_remote_code=False):
         names.append(name)
         if name == DEFAULT_MODEL and "fail" in names:
             raise ModelLoadError("timm がありません")
@@ -391,6 +394,18 @@ def test_auto_falls_back_when_the_default_cannot_load(monkeypatch, recorded, cap
     assert out.count("\n") == 1 and "timm がありません" in out and "embedded" in out
 
 
+@pytest.mark.parametrize("reachable", [False, True])
+def test_commands_never_fall_back(monkeypatch, recorded, capsys, reachable):
+    """fallback=False (the commands): auto without the default model is an error naming --model embedded."""
+    monkeypatch.setattr(env, "hub_reachable", lambda *a, **k: reachable)
+    recorded.append("fail")
+    with pytest.raises(ModelLoadError) as err:
+        load_clip("auto", fallback=False)
+    assert "--model embedded" in str(err.value) and "\n" not in str(err.value)
+    assert EMBEDDED not in recorded and capsys.readouterr().out == ""
+    assert ("timm がありません" in str(err.value)) is reachable  # the real cause, when there was one
+
+
 def test_requested_model_spellings(monkeypatch):
     assert requested_model("TINY") == EMBEDDED
     assert requested_model("vit-b16-random") == requested_model("random:vit-b16") == RANDOM_VIT_B16
@@ -402,9 +417,9 @@ def test_requested_model_spellings(monkeypatch):
 def test_hub_refusal_is_explained_with_what_to_do():
     refused = OSError("429 Client Error: Too Many Requests")
     refused.response = SimpleNamespace(status_code=429)
-    message = models_hf.explain_load_error(DEFAULT_MODEL, refused)
+    message = hub.explain_load_error(DEFAULT_MODEL, refused)
     assert "HTTP 429" in message and "HF_TOKEN" in message and "\n" not in message
-    other = models_hf.explain_load_error("x/y", AttributeError("no attribute 'all_tied_weights_keys'"))
+    other = hub.explain_load_error("x/y", AttributeError("no attribute 'all_tied_weights_keys'"))
     assert "AttributeError" in other and "transformers==4.51.3" in other
 
 
@@ -510,8 +525,8 @@ def test_random_vit_b16_small_contract_and_determinism():
         },
         "projection_dim": 16,
     }
-    first = models_hf.load_random_vit_b16(CPU, torch.float32, config_overrides=small)
-    second = models_hf.load_random_vit_b16(CPU, torch.float32, config_overrides=small)
+    first = random_vit.load_random_vit_b16(CPU, torch.float32, config_overrides=small)
+    second = random_vit.load_random_vit_b16(CPU, torch.float32, config_overrides=small)
     _assert_contract(first, 32)
     assert first.fingerprint == second.fingerprint  # fixed seed
     tokens = first.tokenize(["あいうえおかきくけこさしすせそたちつてと"])  # longer than 16: truncated
@@ -620,11 +635,21 @@ def line_like_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def test_local_remote_code_runs_only_when_trusted(line_like_dir):
+    """A folder's own Python code is not run unless asked: one clear line naming the switch."""
+    with pytest.raises(ModelLoadError) as refused:
+        load_clip(str(line_like_dir), device="cpu")
+    message = str(refused.value)
+    assert "auto_map" in message and "--trust-remote-code" in message and "\n" not in message
+    assert not any("fakeclyp" in name for name in sys.modules)  # nothing of it was imported
+    assert DEFAULT_MODEL in models.TRUSTED_REMOTE_CODE  # the known hub id needs no switch
+
+
 def test_line_style_remote_code_loads_correctly(line_like_dir, capfd):
     """Shims + post_init + buffer repair: features equal the formula with the saved weights, scale = 1/T."""
     from safetensors.torch import load_file
 
-    model = load_clip(str(line_like_dir), device="cpu")
+    model = load_clip(str(line_like_dir), device="cpu", trust_remote_code=True)
     assert capfd.readouterr().err == ""
     assert model.logit_scale == pytest.approx(50.0) and "itc_loss_fn" in model.logit_scale_source
     assert torch.equal(model.module.rope.pos_embed, torch.arange(6, dtype=torch.float32).sin())
@@ -713,7 +738,7 @@ def test_check_on_drawn_shapes(monkeypatch, as_embedded):
 
 
 def test_check_rejects_infinite_features_of_a_random_model(monkeypatch):
-    model = models_hf.load_random_vit_b16(
+    model = random_vit.load_random_vit_b16(
         CPU,
         torch.float32,
         config_overrides={
@@ -778,3 +803,114 @@ def test_shipped_embedded_in_a_fresh_process():
     assert result.returncode == 0, result.stderr
     assert result.stdout == OFFLINE_NOTICE + "\n" and result.stderr == ""
     assert time.perf_counter() - started < 60
+
+
+# ---------------------------------------------------------------- never silently wrong
+
+
+def _copy_with_weights(src: Path, dst: Path, edit) -> Path:
+    """A copy of the model folder ``src`` whose state dict went through ``edit`` (a dict → dict function)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    save_file(edit(dict(weights)), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_weights_stop_loading(clip_dir, tmp_path):
+    """A checkpoint without a weight the model needs would leave it random: loading refuses, naming it."""
+    key = "visual_projection.weight"
+    broken = _copy_with_weights(
+        clip_dir, tmp_path / "missing", lambda w: {k: v for k, v in w.items() if k != key}
+    )
+    with pytest.raises(ModelLoadError) as err:
+        load_clip(str(broken), device="cpu")
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unexpected_weights_are_named_in_one_line(clip_dir, tmp_path, capfd):
+    extra = _copy_with_weights(
+        clip_dir, tmp_path / "extra", lambda w: {**w, "leftover.weight": torch.ones(2)}
+    )
+    model = load_clip(str(extra), device="cpu")
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "leftover.weight" in err
+    assert model.fingerprint == load_clip(str(clip_dir), device="cpu").fingerprint  # same model otherwise
+
+
+def test_fingerprint_follows_the_weights(clip_dir, tmp_path):
+    """Same folder → same fingerprint (in a new object); one weight changed → a different one."""
+    first, again = load_clip(str(clip_dir), device="cpu"), load_clip(str(clip_dir), device="cpu")
+    assert first is not again and first.fingerprint == again.fingerprint
+    changed = _copy_with_weights(
+        clip_dir, tmp_path / "changed", lambda w: {**w, "logit_scale": w["logit_scale"] + 0.5}
+    )
+    assert load_clip(str(changed), device="cpu").fingerprint != first.fingerprint
+
+
+def test_scoring_comes_from_the_model_never_a_default():
+    from helpers.models.base import scoring_of
+
+    clip_like = torch.nn.Module()
+    clip_like.logit_scale = torch.nn.Parameter(torch.tensor(np.log(20.0), dtype=torch.float32))
+    assert scoring_of(clip_like).kind == "softmax" and scoring_of(clip_like).scale == pytest.approx(20.0)
+    clip_like.logit_bias = torch.nn.Parameter(torch.tensor([-3.0]))  # SigLIP: learned scale and bias
+    siglip = scoring_of(clip_like)
+    assert (siglip.kind, siglip.bias) == ("sigmoid", -3.0) and siglip.scale == pytest.approx(20.0)
+    cloob = torch.nn.Module()
+    cloob.inv_tau = 30.0
+    assert scoring_of(cloob).scale == 30.0 and "CLOOB" in scoring_of(cloob).source
+    with pytest.raises(ModelLoadError, match="logit scale がありません"):
+        scoring_of(torch.nn.Linear(2, 2))
+
+
+def test_prepare_checks_once_unless_told_not_to(monkeypatch, as_embedded):
+    calls: list[str] = []
+    monkeypatch.setattr(models, "check", lambda model: calls.append(model.name) or "モデル確認 OK: stub")
+    _, note = models.prepare("embedded")
+    assert calls == [EMBEDDED] and note == "モデル確認 OK: stub"
+    _, note = models.prepare("embedded", run_check=False)
+    assert calls == [EMBEDDED] and "--no-check" in note
+    random_model, note = models.prepare(RANDOM_VIT_B16)  # random weights: nothing to check
+    assert random_model.kind == "random" and calls == [EMBEDDED] and "ランダム" in note
+
+
+def test_meta_device_loading_leaves_computed_buffers_and_the_repair_restores_them(tmp_path):
+    """The EVA02 RoPE failure without timm: a PreTrainedModel whose non-persistent buffer is computed in
+    ``__init__`` and whose ``_init_weights`` does nothing (LINE's style). transformers 5.x builds it on
+    the meta device and does not recompute the buffer; the repair restores the original's outputs."""
+    import transformers
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class RopeConfig(PretrainedConfig):
+        model_type = "rope-repro-test"
+
+    class RopeModel(PreTrainedModel):
+        config_class = RopeConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.rope = _RopeStandIn(64)
+            self.proj = torch.nn.Linear(64, 4)
+            self.post_init()
+
+        def _init_weights(self, module):
+            pass
+
+        def forward(self, x):
+            return self.proj(x * self.rope.pos_embed)
+
+    torch.manual_seed(0)
+    original = RopeModel(RopeConfig()).eval()
+    with quiet_transformers():
+        original.save_pretrained(tmp_path)
+        loaded = RopeModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(3, 64)
+    expected = original(x).detach()
+    if int(transformers.__version__.split(".")[0]) >= 5:  # the failure this repair exists for
+        assert not torch.equal(loaded.rope.pos_embed, original.rope.pos_embed)
+    assert reinit_non_persistent_buffers(loaded) == ["rope"]
+    assert torch.equal(loaded(x).detach(), expected)

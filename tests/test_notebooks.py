@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 from helpers import REPO_ROOT
-from helpers import notebooks as nbtool
+from helpers.tooling import notebooks as nbtool
 
 NOTEBOOKS = nbtool.notebooks()
 
@@ -126,7 +126,7 @@ def test_nbval_fails_a_cell_that_writes_to_stderr(tmp_path: Path) -> None:
 
 
 def test_run_notebooks_writes_copies_and_summary(tmp_path: Path) -> None:
-    from helpers import run_notebooks
+    from helpers.tooling import run_notebooks
 
     assert run_notebooks.main(["00_setup_check.ipynb", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "00_setup_check.ipynb").exists()

@@ -104,7 +104,8 @@ def test_command_on_ray_gives_the_same_answers_and_leaves_nothing(
         capture_output=True, text=True, env=env, timeout=240,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == ["バックエンド: dataloader"]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "バックエンド: dataloader" and lines[1].startswith("モデル確認 OK") and len(lines) == 2
     assert result.stdout.strip().splitlines()[-1].startswith("16 files: 11 ok, 5 errors, 1 skipped")
     rows = _rows(out)
     _check_rows(rows)
@@ -282,3 +283,21 @@ def test_plan_resources(cpus, gpus, workers, actors, expected) -> None:
 def test_plan_refuses_more_gpu_actors_than_gpus() -> None:
     with pytest.raises(ValueError, match="GPU"):
         engines_ray.plan_resources(16, 2, num_actors=4)
+
+
+def test_each_actor_checks_its_model_once_unless_told_not_to(monkeypatch) -> None:
+    """An actor on another node may load other weights than the driver: it runs check() itself."""
+    from helpers import models
+
+    calls: list[str] = []
+
+    def fails(model):
+        calls.append(model.name)
+        raise models.ModelCheckError("モデル確認 NG: stub")
+
+    monkeypatch.setattr(models, "check", fails)
+    with pytest.raises(models.ModelCheckError):
+        engines_ray.Encoder("embedded")
+    assert calls == ["embedded"]
+    encoder = engines_ray.Encoder("embedded", run_check=False)
+    assert calls == ["embedded"] and encoder.fingerprint == load_clip("embedded").fingerprint

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import classify, search, shapes
+from helpers import classify, search
 from helpers import embeddings as emb
+from helpers.fixtures import shapes
 from helpers.models import load_clip
 
 DRAWN = ["赤い丸", "青い三角", "緑の四角", "黄色い星", "紫の丸", "赤い星"]

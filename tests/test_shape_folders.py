@@ -1,4 +1,4 @@
-"""helpers.shape_folders and helpers.folder_dataset: the labelled training set on disk and its PIL loader."""
+"""helpers.fixtures.shape_folders and .folder_dataset: labelled training folders on disk, their PIL loader."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import shape_folders
-from helpers.folder_dataset import ImageFolderDataset, center_box, random_crop_box
+from helpers.fixtures import shape_folders
+from helpers.fixtures.folder_dataset import ImageFolderDataset, center_box, random_crop_box
 
 
 def _digest(paths) -> str:

@@ -138,14 +138,18 @@ def load_clip(
     target_dtype = dtype or torch.float32
     if requested != AUTO:
         return _load_named(requested, target_device, target_dtype, trust_remote_code)
-    try:
-        if not env.hub_reachable():
-            raise ModelLoadError(f"Hugging Face Hub に接続できないため {DEFAULT_MODEL} を読み込めません。")
-        return _load_named(DEFAULT_MODEL, target_device, target_dtype, trust_remote_code)
-    except ModelLoadError as err:
-        if not fallback:
-            raise ModelLoadError(f"{_first_line(err)} {NO_FALLBACK_HINT}") from err
-        print(f"{_first_line(err)} 同梱の小さなモデル (embedded) を使います。")
+    if env.hub_reachable():
+        try:
+            return _load_named(DEFAULT_MODEL, target_device, target_dtype, trust_remote_code)
+        except ModelLoadError as err:
+            reason = _first_line(err)
+            notice = f"{DEFAULT_MODEL} を読み込めないため、同梱の小さなモデル (embedded) を使います: {reason}"
+    else:
+        reason = f"Hugging Face Hub に接続できないため {DEFAULT_MODEL} を読み込めません。"
+        notice = OFFLINE_NOTICE
+    if not fallback:
+        raise ModelLoadError(f"{reason}{'' if reason.endswith('。') else ' '}{NO_FALLBACK_HINT}")
+    print(notice)
     return _load_named(EMBEDDED, target_device, target_dtype, False)
 
 

@@ -234,10 +234,11 @@ def register() -> None:
 
 
 def load_embedded(
-    device: torch.device, dtype: torch.dtype, model_dir: str | Path = MODEL_DIR, name: str = EMBEDDED
+    device: torch.device, dtype: torch.dtype, model_dir: str | Path | None = None, name: str = EMBEDDED
 ) -> HFClip:
-    """The tiny CLIP in ``model_dir`` (default: the shipped one), registered and loaded like a hub model."""
+    """The tiny CLIP in ``model_dir`` (default: :data:`MODEL_DIR`), registered and loaded like a hub model."""
     register()
+    model_dir = MODEL_DIR if model_dir is None else model_dir
     if not (Path(model_dir) / "model.safetensors").exists():
         raise ModelLoadError(
             f"小さなモデル ({model_dir}) の重みがありません:"

@@ -1,7 +1,7 @@
 """Keep every notebook's Colab badge and set-up cell generated from one template.
 
-``python -m helpers.notebooks sync [--slug OWNER/NAME] [--ref REF]`` rewrites them (and saves a
-new slug/ref to ``notebooks/colab.json``); ``python -m helpers.notebooks check`` lists notebooks
+``python -m helpers.tooling.notebooks sync [--slug OWNER/NAME] [--ref REF]`` rewrites them (and saves a
+new slug/ref to ``notebooks/colab.json``); ``python -m helpers.tooling.notebooks check`` lists notebooks
 that drifted from the template and exits 1 if any did.
 """
 
@@ -35,7 +35,7 @@ EXTRAS: dict[str, dict[str, str]] = {
 SETUP_TEMPLATE = """\
 # 環境のセットアップ: Colab ではこの講座のリポジトリを取得し、Colab にないパッケージだけを入れます。
 # Colab 以外では何も表示せず、helpers を import できるようにするだけです。
-# (このセルは `python -m helpers.notebooks sync` がテンプレートから生成します。直接編集しないでください。)
+# (このセルは `python -m helpers.tooling.notebooks sync` が生成します。直接編集しないでください。)
 import importlib.util
 import os
 import subprocess
@@ -197,7 +197,7 @@ def output_problems(path: Path) -> list[str]:
             problems.append(f"{path.name}: cell {i} is marked {CHECK_MARK} but has no stored output")
         if not is_checked(cell) and cell.outputs:
             problems.append(
-                f"{path.name}: cell {i} has outputs; strip them (python -m helpers.notebooks outputs)"
+                f"{path.name}: cell {i} has outputs; strip them (python -m helpers.tooling.notebooks outputs)"
             )
     return problems
 
@@ -222,7 +222,7 @@ def refresh_outputs(path: Path, timeout: int = 1200) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m helpers.notebooks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m helpers.tooling.notebooks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sync_parser = sub.add_parser("sync", help="rewrite badges and set-up cells from the template")
     sync_parser.add_argument("--slug", help="GitHub OWNER/NAME to point at (saved in notebooks/colab.json)")

@@ -1,6 +1,6 @@
 """``make run``: execute every notebook in order, headless, and write executed copies under build/.
 
-Usage: ``python -m helpers.run_notebooks [NAME ...] [--out build/notebooks]``. Uses the GPU when there
+Usage: ``python -m helpers.tooling.run_notebooks [NAME ...] [--out build/notebooks]``. Uses the GPU when there
 is one and the real model when the hub answers (each notebook decides through ``helpers``);
 prints one progress line per notebook and writes ``summary.md`` and ``summary.json`` beside the copies.
 """
@@ -84,7 +84,7 @@ def write_summary(runs: list[NotebookRun], out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the notebooks; exit 1 when any failed."""
-    parser = argparse.ArgumentParser(prog="python -m helpers.run_notebooks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m helpers.tooling.run_notebooks", description=__doc__)
     parser.add_argument("names", nargs="*", help="notebook file names (default: all, in order)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where executed copies go")
     args = parser.parse_args(argv)

@@ -69,9 +69,9 @@ LEFT_OUT: dict[str, str] = {
 """Packages on Colab that the CI machine cannot have at Colab's version: name → why."""
 
 COURSE_INSTALLS: tuple[str, ...] = ("matplotlib-fontja", "nvidia-dali-cuda120", "ray")
-"""What the set-up cell installs because Colab lacks it (helpers.notebooks BASE_PACKAGES and EXTRAS)."""
+"""What the set-up cell installs because Colab lacks it (helpers.tooling.notebooks' packages, extras)."""
 
-DEV_ONLY: tuple[str, ...] = ("jupyterlab", "nbval", "ruff")
+DEV_ONLY: tuple[str, ...] = ("jupyterlab", "nbval", "ruff", "import-linter")
 """requirements.txt entries for local use and the main CI run; neither on Colab nor needed there."""
 
 NOT_ON_COLAB_MARK = "# not on Colab (pip picks the version):"
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"Colab no longer has: {', '.join(missing)}. The set-up cell must install them: add them to "
             "BASE_PACKAGES in helpers/notebooks.py (and to COURSE_INSTALLS here), then run "
-            "`python -m helpers.notebooks sync`.",
+            "`python -m helpers.tooling.notebooks sync`.",
             file=sys.stderr,
         )
         return 1

@@ -24,7 +24,7 @@ from colab_kernel import CellRun, ColabKernel, installed, pip_requests, snapshot
 from refresh_constraints import COURSE_INSTALLS, DEV_ONLY, LEFT_OUT, NOT_ON_COLAB_MARK, canonical
 
 from helpers import REPO_ROOT
-from helpers import notebooks as nbtool
+from helpers.tooling import notebooks as nbtool
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("COLAB_PARITY") != "1", reason="Colab parity runs under `make test-colab` (COLAB_PARITY=1)"

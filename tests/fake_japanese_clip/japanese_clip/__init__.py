@@ -5,7 +5,7 @@ random models, and the same things that break on new libraries: it imports
 ``huggingface_hub.cached_download`` and ``transformers.modeling_utils.ModelOutput`` (both gone
 in huggingface_hub 1.x / transformers 5.x) and builds its config from a dict with
 ``is_composition = True`` and an ``__init__`` that refuses to run without sub-configs, whose
-``repr`` transformers >= 4.52 breaks. Importing it proves the shims in ``helpers.clip_compat``.
+``repr`` transformers >= 4.52 breaks. Importing it proves the shims in ``helpers.models.compat``.
 """
 
 from __future__ import annotations
