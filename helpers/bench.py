@@ -392,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "amp": str(engines.autocast_dtype(model.device) or "float32"),
         },
     )
-    print(f"{report.machine['label']} / {model.name} / {len(paths)} 枚 / {engines.backend_notice()}")
+    model_line = f"{model.name} ({model.fingerprint[:12]})"
+    print(f"{report.machine['label']} / {model_line} / {len(paths)} 枚 / {engines.backend_notice()}")
     try:
         report.outcomes = run_all(setup, chosen, repeats)
     except ImageReadError as err:

@@ -1,8 +1,11 @@
-"""The embedded tiny Japanese CLIP: trained here on drawn shapes, shipped in Hugging Face format.
+"""Training and evaluating the embedded tiny Japanese CLIP, which is shipped in Hugging Face format.
 
-It stands in for the real hub models in CI and offline. ``import helpers.tiny_clip`` registers its
-classes, after which ``AutoModel``/``AutoTokenizer``/``AutoImageProcessor.from_pretrained(MODEL_DIR)``
-load it like any hub model (see :func:`load` for the torchvision-free image processor import).
+It stands in for the real hub models in CI and offline. Its architecture and loading live with the
+other model backends (:mod:`helpers.models.embedded`); this command draws the pictures
+(:mod:`helpers.fixtures.shapes`), trains for a fixed number of steps, writes the model card and
+measures zero-shot accuracy. ``import helpers.tiny_clip`` registers the classes, after which
+``AutoModel``/``AutoTokenizer``/``AutoImageProcessor.from_pretrained(MODEL_DIR)`` load the folder
+like any hub model (see :func:`load` for the torchvision-free image processor import).
 
 Commands::
 
