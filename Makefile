@@ -37,6 +37,7 @@ COLAB_VENV := .venv-colab
 COLAB_STAMP := $(COLAB_VENV)/.installed-constraints
 COLAB_CONSTRAINTS := tests/colab/constraints.txt
 COLAB_UNIT_TESTS := $(wildcard tests/test_data.py tests/test_models.py tests/test_siglip.py tests/test_tiny_clip.py \
+	tests/test_tokenization.py \
 	tests/test_zeroshot.py)
 # 05 (torch.jit/compile/export, ~4 min) depends on the torch build, which cannot match Colab's here;
 # `make test-colab COLAB_SKIP=` runs it too

@@ -914,3 +914,19 @@ def test_meta_device_loading_leaves_computed_buffers_and_the_repair_restores_the
         assert not torch.equal(loaded.rope.pos_embed, original.rope.pos_embed)
     assert reinit_non_persistent_buffers(loaded) == ["rope"]
     assert torch.equal(loaded(x).detach(), expected)
+
+
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, "line-corporation/clip-japanese-base-v2"])
+def test_line_models_go_through_the_line_path_with_their_code_trusted(monkeypatch, name):
+    """v1 and v2 by name: the LINE loader (timm checked first), remote code trusted without a switch."""
+    seen = []
+
+    def fake_load_pretrained(source, **kwargs):
+        seen.append((source, kwargs["trust_remote_code"], kwargs["hub_files"]))
+        raise ModelLoadError("stop here")
+
+    monkeypatch.setattr(models_hf, "_require_timm", lambda name: None)
+    monkeypatch.setattr(models_hf, "load_pretrained", fake_load_pretrained)
+    with pytest.raises(ModelLoadError, match="stop here"):
+        load_clip(name, device="cpu")
+    assert seen == [(name, True, models_hf.LINE_NEEDS)] and name in models.TRUSTED_REMOTE_CODE

@@ -13,6 +13,8 @@ Model names (:func:`load_clip`):
 
 - ``"line-corporation/clip-japanese-base"`` (:data:`DEFAULT_MODEL`): the real default; remote code
   with a timm EVA02 image tower (needs timm, hence torchvision: Colab and the GPU machine have both).
+  ``"line-corporation/clip-japanese-base-v2"`` (:data:`LINE_V2`) loads the same way (its code was not
+  available to verify here; the README says what was checked).
 - ``"rinna/japanese-cloob-vit-b-16"``, ``"rinna/japanese-clip-vit-b-16"``: through rinna's optional
   ``japanese_clip`` package (:mod:`helpers.models.rinna`).
 - ``"embedded"`` (alias ``"tiny"``): the tiny CLIP shipped in ``helpers/assets/tiny-clip-ja``
@@ -54,6 +56,8 @@ from helpers.models.base import (
     CLIP_STD,
     DEFAULT_MODEL,
     EMBEDDED,
+    LINE_MODELS,
+    LINE_V2,
     RANDOM_VIT_B16,
     RINNA_MODELS,
     TRUSTED_REMOTE_CODE,
@@ -73,6 +77,8 @@ __all__ = [
     "CLIP_STD",
     "DEFAULT_MODEL",
     "EMBEDDED",
+    "LINE_MODELS",
+    "LINE_V2",
     "RANDOM_VIT_B16",
     "RINNA_MODELS",
     "TRUSTED_REMOTE_CODE",
@@ -177,11 +183,11 @@ def _load_named(name: str, device: torch.device, dtype: torch.dtype, trust_remot
         from helpers.models import rinna
 
         return rinna.load_rinna(name, device, dtype)
-    if name == DEFAULT_MODEL:
-        return hf.load_line(device, dtype)
+    if name in LINE_MODELS:
+        return hf.load_line(name, device, dtype)
     path = Path(name).expanduser()
     if not path.is_dir() and not is_hub_id(name):
-        choices = ", ".join([AUTO, DEFAULT_MODEL, *RINNA_MODELS, EMBEDDED, RANDOM_VIT_B16])
+        choices = ", ".join([AUTO, *LINE_MODELS, *RINNA_MODELS, EMBEDDED, RANDOM_VIT_B16])
         raise ModelLoadError(
             f"モデル {name!r} が見つかりません (フォルダーでも Hub の名前でもありません)。"
             f"選べる名前: {choices}、"

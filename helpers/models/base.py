@@ -31,6 +31,8 @@ __all__ = [
     "CLIP_STD",
     "DEFAULT_MODEL",
     "EMBEDDED",
+    "LINE_MODELS",
+    "LINE_V2",
     "RANDOM_VIT_B16",
     "RINNA_MODELS",
     "TRUSTED_REMOTE_CODE",
@@ -46,6 +48,10 @@ __all__ = [
 
 DEFAULT_MODEL = "line-corporation/clip-japanese-base"
 """The real model the course uses by default (Apache-2.0, EVA02-B/16 + BERT, 512-d)."""
+LINE_V2 = "line-corporation/clip-japanese-base-v2"
+"""LINE's second version (Apache-2.0, same CLYP remote code layout; not verified here: see README)."""
+LINE_MODELS: tuple[str, ...] = (DEFAULT_MODEL, LINE_V2)
+"""LINE's CLYP models, loaded through their remote code with the same shims."""
 RINNA_MODELS: tuple[str, ...] = ("rinna/japanese-cloob-vit-b-16", "rinna/japanese-clip-vit-b-16")
 """rinna's models, loaded through their ``japanese_clip`` package."""
 EMBEDDED = "embedded"
@@ -54,7 +60,7 @@ RANDOM_VIT_B16 = "random:vit-b16"
 """A random-initialised ViT-B/16-sized CLIP for speed measurements."""
 AUTO = "auto"
 """The default real model when the hub answers; else the embedded one in notebooks, an error in commands."""
-TRUSTED_REMOTE_CODE: tuple[str, ...] = (DEFAULT_MODEL,)
+TRUSTED_REMOTE_CODE: tuple[str, ...] = LINE_MODELS
 """Hub ids whose remote code is run without asking (a local folder's code only with ``trust_remote_code``)."""
 ALIASES: dict[str, str] = {"tiny": EMBEDDED, "vit-b16-random": RANDOM_VIT_B16}
 """Other spellings accepted by :func:`load_clip` (bench's ``--arch vit-b16-random`` among them)."""

@@ -13,12 +13,19 @@ Everything here is small, documented and applied only where the thing it supplie
   ``_init_weights`` fills them; LINE's does nothing, so timm's EVA02 rotary embeddings (RoPE) end up
   as garbage and the features are wrong. This recomputes them the way the modules' ``__init__`` does.
 - :func:`quiet_transformers`: transformers' progress bars and warnings off for a while.
+- :func:`lower_case_like_slow_tokenizers` and :func:`repair_unigram_unk_id`: the SentencePiece
+  tokenizer LINE's and rinna's code load (``T5Tokenizer`` over ``rinna/japanese-roberta-base``'s
+  ``spiece.model``) tokenises differently on 5.x. Both set ``tokenizer.do_lower_case = True``, which
+  4.x's slow tokenizers honoured and 5.x's tokenizers-backed class ignores (「Tシャツ」, 「ＮＡＳＡ」 keep
+  their capitals); and 5.x builds the Unigram model with ``unk_id=2`` whatever the SentencePiece model
+  says (rinna's ``<unk>`` is 0; 2 is ``</s>``), so emoji and rare kanji become ``</s>``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,9 +37,12 @@ __all__ = [
     "apply_legacy_shims",
     "as_features",
     "ensure_post_init",
+    "lower_case_like_slow_tokenizers",
     "non_persistent_buffer_names",
     "quiet_transformers",
     "reinit_non_persistent_buffers",
+    "repair_unigram_unk_id",
+    "wants_lower_case",
 ]
 
 
@@ -74,6 +84,74 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------ SentencePiece tokenizers on 5.x
+
+
+def wants_lower_case(tokenizer: Any) -> bool:
+    """True when ``tokenizer`` (or the tokenizer it wraps, as LINE's ``CLYPTokenizer`` does) asks for
+    lower-casing through ``do_lower_case``."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    return bool(getattr(tokenizer, "do_lower_case", False) or getattr(inner, "do_lower_case", False))
+
+
+def lower_case_like_slow_tokenizers(texts: list[str], tokenizer: Any) -> list[str]:
+    """``texts`` lower-cased the way transformers 4.x's slow tokenizers did when ``do_lower_case`` was
+    set: ``str.lower()`` on everything except the special tokens, which keep their spelling.
+
+    Applied before tokenising, it gives the same ids on 4.x (where lower-casing again changes nothing)
+    and on 5.x (where the tokenizer no longer does it).
+    """
+    if not wants_lower_case(tokenizer):
+        return list(texts)
+    inner = getattr(tokenizer, "tokenizer", None)
+    specials = {
+        str(t) for tok in (tokenizer, inner) for t in (getattr(tok, "all_special_tokens", None) or [])
+    }
+    if not specials:
+        return [text.lower() for text in texts]
+    pattern = re.compile(
+        "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + r")|(.+?)"
+    )
+    return [pattern.sub(lambda m: m.group(1) or m.group(2).lower(), text) for text in texts]
+
+
+def _sentencepiece_unk_id(tokenizer: Any, vocab: list) -> int | None:
+    """The ``<unk>`` id of the SentencePiece model behind ``tokenizer``: from the model file itself
+    (``unk_id()``) when sentencepiece can read it, else the unknown piece's position in the vocabulary."""
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and str(vocab_file).endswith(".model"):
+        try:
+            import sentencepiece
+
+            return int(sentencepiece.SentencePieceProcessor(model_file=str(vocab_file)).unk_id())
+        except (ImportError, OSError, RuntimeError):
+            pass
+    unk = getattr(tokenizer, "unk_token", None)
+    pieces = [entry[0] for entry in vocab]
+    return pieces.index(str(unk)) if unk is not None and str(unk) in pieces else None
+
+
+def repair_unigram_unk_id(tokenizer: Any) -> bool:
+    """Make a tokenizers-backed SentencePiece (Unigram) tokenizer map unknown pieces to its model's own
+    ``<unk>`` id instead of the 2 that transformers 5.x hard-codes for T5. Returns True when it changed
+    something (nothing to do on 4.x's slow tokenizers, or when the ids already agree)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return False
+    settings = json.loads(backend.to_str())
+    model = settings.get("model") or {}
+    if model.get("type") != "Unigram":
+        return False
+    right = _sentencepiece_unk_id(tokenizer, model.get("vocab") or [])
+    if right is None or right == model.get("unk_id"):
+        return False
+    from tokenizers import Tokenizer
+
+    model["unk_id"] = right
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(settings))
+    return True
 
 
 # ------------------------------------------------------------------ names removed from the libraries

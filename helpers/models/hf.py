@@ -23,7 +23,6 @@ from PIL import Image
 from helpers.models.base import (
     CLIP_MEAN,
     CLIP_STD,
-    DEFAULT_MODEL,
     ClipModel,
     ModelLoadError,
     PreprocessSpec,
@@ -33,8 +32,10 @@ from helpers.models.compat import (
     apply_legacy_shims,
     as_features,
     ensure_post_init,
+    lower_case_like_slow_tokenizers,
     quiet_transformers,
     reinit_non_persistent_buffers,
+    repair_unigram_unk_id,
 )
 from helpers.models.hub import explain_load_error, hub_offline, offline_plan, read_config
 
@@ -47,11 +48,10 @@ __all__ = [
 ]
 
 LINE_NEEDS: tuple[tuple[str, str], ...] = (
-    (DEFAULT_MODEL, "config.json"),
     ("rinna/japanese-clip-vit-b-16", "config.json"),  # LINE's text tower config, read at build time
     ("rinna/japanese-roberta-base", "spiece.model"),  # LINE's tokenizer wraps this one
 )
-"""Hub files LINE's remote code reads while loading (checked in the cache when offline)."""
+"""Other repositories' files LINE's remote code reads while loading (checked in the cache when offline)."""
 
 TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -136,6 +136,8 @@ class HFClip(ClipModel):
         self.processor = processor
         params = inspect.signature(self.module.get_text_features).parameters
         self._text_keys = tuple(k for k in TEXT_INPUT_KEYS if k in params) or ("input_ids",)
+        for tok in (tokenizer, getattr(tokenizer, "tokenizer", None)):  # LINE's wraps a T5Tokenizer
+            repair_unigram_unk_id(tok)
 
     def _preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         if self.processor is None:
@@ -143,6 +145,7 @@ class HFClip(ClipModel):
         return torch.as_tensor(self.processor(images=images, return_tensors="pt")["pixel_values"])
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        texts = lower_case_like_slow_tokenizers(texts, self.tokenizer)  # as 4.x did for do_lower_case
         if type(self.tokenizer).__module__.startswith("transformers."):
             encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         else:  # remote-code tokenizers (LINE's) pad and return tensors themselves
@@ -297,15 +300,17 @@ def _require_timm(name: str) -> None:
         ) from err
 
 
-def load_line(device: torch.device, dtype: torch.dtype) -> HFClip:
-    """LINE's ``clip-japanese-base`` (remote code, EVA02 image tower through timm, BERT text tower)."""
-    _require_timm(DEFAULT_MODEL)
+def load_line(name: str, device: torch.device, dtype: torch.dtype) -> HFClip:
+    """LINE's CLYP models (remote code, EVA02 image tower through timm, BERT text tower):
+    ``clip-japanese-base`` (verified against transformers 4.51.3) and ``-v2`` (same code layout,
+    loaded with the same shims)."""
+    _require_timm(name)
     return load_pretrained(
-        DEFAULT_MODEL,
-        name=DEFAULT_MODEL,
+        name,
+        name=name,
         device=device,
         dtype=dtype,
         kind="real",
         trust_remote_code=True,
-        hub_files=LINE_NEEDS[1:],
+        hub_files=LINE_NEEDS,
     )

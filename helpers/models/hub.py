@@ -17,7 +17,14 @@ from typing import Any
 from helpers import env
 from helpers.models.base import ModelLoadError
 
-__all__ = ["explain_load_error", "hub_offline", "is_hub_id", "offline_plan", "read_config"]
+__all__ = [
+    "explain_load_error",
+    "hub_offline",
+    "is_hub_id",
+    "missing_tokenizer_packages",
+    "offline_plan",
+    "read_config",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -85,6 +92,22 @@ def offline_plan(name: str, files: Sequence[tuple[str, str]]) -> bool:
     return True
 
 
+def missing_tokenizer_packages() -> list[str]:
+    """Which of the packages transformers 5.x needs to read a SentencePiece ``spiece.model`` are missing."""
+    import importlib.util
+
+    wanted = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
+    missing = []
+    for package, module in wanted.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
 def explain_load_error(name: str, err: BaseException) -> str:
     """A one-paragraph Japanese explanation (cause + what to do) of why loading ``name`` failed."""
     import transformers
@@ -102,6 +125,14 @@ def explain_load_error(name: str, err: BaseException) -> str:
         return f"{name} を読み込めません: Hub にこの名前のモデルがないか、アクセスできません ({detail})。"
     if kind in {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} or "offline" in detail.lower():
         return f"{name} を読み込めません: オフラインでキャッシュにも見つかりません ({detail})。"
+    missing = missing_tokenizer_packages()
+    if missing and ("tiktoken" in detail or any(m in detail.lower() for m in missing)):
+        # transformers 5.x falls back to its tiktoken reader when it cannot read spiece.model, then
+        # reports "`tiktoken` is required"; the real cause is a missing SentencePiece reader.
+        return (
+            f"{name} のトークナイザー (SentencePiece の spiece.model) を読むには"
+            f" {' と '.join(missing)} が必要です: `%pip install {' '.join(missing)}`"
+        )
     return (
         f"{name} を読み込めません ({kind}: {detail})。transformers {transformers.__version__} との相性なら "
         "`%pip install transformers==4.51.3` で試せます。"

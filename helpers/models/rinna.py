@@ -20,7 +20,13 @@ import torch
 from PIL import Image
 
 from helpers.models.base import CLIP_MEAN, CLIP_STD, ClipModel, ModelLoadError, PreprocessSpec, scoring_of
-from helpers.models.compat import apply_legacy_shims, as_features, quiet_transformers
+from helpers.models.compat import (
+    apply_legacy_shims,
+    as_features,
+    lower_case_like_slow_tokenizers,
+    quiet_transformers,
+    repair_unigram_unk_id,
+)
 from helpers.models.hub import explain_load_error, hub_offline, offline_plan
 
 __all__ = ["INSTALL_COMMAND", "RinnaClip", "load_rinna"]
@@ -38,6 +44,7 @@ class RinnaClip(ClipModel):
         self.package = package
         self.transform = transform
         self.tokenizer = tokenizer
+        repair_unigram_unk_id(tokenizer)  # <unk> is 0 in rinna's SentencePiece model; 5.x says 2
         params = inspect.signature(self.module.get_image_features).parameters
         self._return_dict = {"return_dict": True} if "return_dict" in params else {}
 
@@ -45,6 +52,9 @@ class RinnaClip(ClipModel):
         return torch.stack([self.transform(image.convert("RGB")) for image in images])
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        texts = lower_case_like_slow_tokenizers(
+            texts, self.tokenizer
+        )  # rinna sets do_lower_case; 5.x ignores it
         return self.package.tokenize(texts, tokenizer=self.tokenizer, max_seq_len=MAX_SEQ_LEN, device="cpu")
 
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

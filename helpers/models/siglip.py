@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from helpers.models.base import ModelLoadError
+from helpers.models.compat import lower_case_like_slow_tokenizers
 from helpers.models.hf import HFClip, load_pretrained
 
 __all__ = ["MODEL_TYPES", "SiglipClip", "load_siglip", "text_max_length"]
@@ -51,6 +52,7 @@ class SiglipClip(HFClip):
         self.max_length = text_max_length(self.tokenizer, self.module)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        texts = lower_case_like_slow_tokenizers(texts, self.tokenizer)  # a no-op unless it asks for it
         encoded = self.tokenizer(
             texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )

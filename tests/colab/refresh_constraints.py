@@ -25,7 +25,7 @@ SOURCE = "googlecolab/backend-info, pip-freeze.gpu.txt"
 
 ROOTS: tuple[str, ...] = (
     # the model layer
-    "torch", "transformers", "huggingface-hub", "tokenizers", "safetensors", "sentencepiece",
+    "torch", "transformers", "huggingface-hub", "tokenizers", "safetensors", "sentencepiece", "protobuf",
     # data and plots
     "numpy", "pillow", "matplotlib", "tqdm", "ipywidgets",
     # the kernel that runs the notebooks, and the test runner (both on Colab too)

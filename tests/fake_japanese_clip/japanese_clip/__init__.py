@@ -10,6 +10,8 @@ in huggingface_hub 1.x / transformers 5.x) and builds its config from a dict wit
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from huggingface_hub import cached_download, hf_hub_url  # noqa: F401 - as rinna's auto_model.py
@@ -122,7 +124,16 @@ class _Tokenizer:
 
 
 def load_tokenizer():
-    return _Tokenizer()
+    """A stand-in tokenizer; with ``FAKE_JAPANESE_CLIP_SPIECE`` set to a folder holding a SentencePiece
+    ``spiece.model``, the real recipe: ``T5Tokenizer`` from it with ``do_lower_case = True``, as rinna's."""
+    folder = os.environ.get("FAKE_JAPANESE_CLIP_SPIECE")
+    if not folder:
+        return _Tokenizer()
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer.from_pretrained(folder)
+    tokenizer.do_lower_case = True  # due to some bug of tokenizer config loading (rinna's comment)
+    return tokenizer
 
 
 def tokenize(texts, tokenizer=None, max_seq_len=77, device="cpu"):
