@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -94,7 +95,17 @@ def test_folder_dataset_gives_normalised_tensors_and_labels(small_set) -> None:
     x, y = val[0]
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y == 0
     assert float(x.min()) >= -2.1 and float(x.max()) <= 2.1
-    assert torch.equal(val[0][0], val[0][0])  # no randomness without train
+    torch.manual_seed(1)
+    again = val[0][0]
+    torch.manual_seed(2)
+    assert torch.equal(again, val[0][0])  # no randomness without train, whatever the seed
+    with Image.open(val.samples[0][0]) as image:  # the centre square, bilinear to 64, then (x - mean) / std
+        side = min(image.size)
+        box = ((image.width - side) // 2, (image.height - side) // 2)
+        square = image.convert("RGB").crop((*box, box[0] + side, box[1] + side))
+        by_hand = np.asarray(square.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    expected = (torch.from_numpy(by_hand).permute(2, 0, 1) - 0.5) / 0.25
+    assert torch.allclose(x, expected, atol=1.01 / 255 / 0.25)  # within one 8-bit grey level
     train = ImageFolderDataset(small_set.train, 64, mean, std, train=True)
     torch.manual_seed(0)
     a = train[1][0]

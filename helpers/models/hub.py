@@ -87,7 +87,8 @@ def offline_plan(name: str, files: Sequence[tuple[str, str]]) -> bool:
             f"{name} を読み込めません: Hugging Face Hub に接続できず、キャッシュにもありません"
             f" ({missing[0]})。ネットワークを確認するか、接続できる環境で一度読み込んで"
             "キャッシュ (HF_HOME) を用意してください。"
-            "同梱の小さなモデルで進めるなら CLIP_MODEL=embedded (または load_clip('auto'))。"
+            "図形しか知らない同梱の小さなモデルで試すなら --model embedded"
+            " (Python では load_clip('embedded'))。"
         )
     return True
 
