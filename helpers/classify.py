@@ -319,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
             writer.writeheader()
         with tqdm(total=len(todo), unit="枚", disable=args.no_progress or not todo, file=sys.stderr) as bar:
             options = {"backend": backend, "batch_size": args.batch_size, "num_workers": args.workers}
+            fallbacks = _dali_fallbacks() if backend == "dali" and args.engine == "local" else None
             start = time.perf_counter()  # the first batch request: loading and check() are not counted
             if args.engine == "ray":
                 from helpers import engines_ray
@@ -333,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                     **options,
                 )
             else:
-                batches = engines.iter_embeddings(model, todo, progress=False, **options)
+                batches = engines.iter_embeddings(model, todo, progress=False, fallbacks=fallbacks, **options)
             for records in batches:
                 for record in records:
                     writer.writerow(_row(relative[record.path], record, classifier, settings, model))
@@ -349,11 +350,26 @@ def run(args: argparse.Namespace) -> int:
     skipped = f", {inputs.skipped} skipped (not images)" if inputs.skipped else ""
     summary = f"{total} files: {counts['ok']} ok, {counts['error']} errors{skipped}"
     unchecked = ", not checked (--no-check)" if args.no_check and model.kind != "random" else ""
+    if fallbacks is not None and fallbacks.pil:
+        print(f"DALI の代わりに PIL でデコードしたファイル: {fallbacks.describe()}", file=sys.stderr)
+    dali_note = (
+        f", {sum(fallbacks.by_design.values())} to PIL by header, {sum(fallbacks.after_error.values())}"
+        " to PIL after DALI errors"
+        if fallbacks is not None
+        else ""
+    )
     print(
         f"{summary}, {seconds:.1f} s, {rate:.1f} images/s,"
-        f" model {model.name} ({model.fingerprint[:12]}){unchecked}"
+        f" model {model.name} ({model.fingerprint[:12]}){unchecked}{dali_note}"
     )
     return 0 if counts["error"] == 0 else 2
+
+
+def _dali_fallbacks():
+    """A fresh :class:`helpers.dali.Fallbacks` counter."""
+    from helpers import dali
+
+    return dali.Fallbacks()
 
 
 def _paths_with_embeddings(out: str, fingerprint: str) -> set[str]:

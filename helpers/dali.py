@@ -28,8 +28,11 @@ pipelines only (``device_id=None``); :func:`default_device` picks the right one.
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,6 +53,7 @@ __all__ = [
     "READER_NAME",
     "DaliUnavailableError",
     "Device",
+    "Fallbacks",
     "FileSource",
     "available",
     "build_pipeline",
@@ -58,6 +62,7 @@ __all__ = [
     "iter_preprocessed",
     "preprocess_images",
     "route",
+    "route_reason",
 ]
 
 Device = Literal["cpu", "gpu"]
@@ -306,8 +311,45 @@ class FileSource:
 _EXIF_ORIENTATION = 0x0112
 
 
-def route(path: str | Path) -> Literal["dali", "pil"]:
-    """Where :func:`iter_preprocessed` decodes ``path``: ``"dali"`` or ``"pil"``, from a cheap header check.
+@dataclass
+class Fallbacks:
+    """Which files :func:`iter_preprocessed` decoded with DALI, and which with PIL and why: never silent.
+
+    ``by_design``: files the header check sends to PIL (EXIF-rotated, CMYK, 16-bit, other formats...),
+    by reason. ``after_error``: files of a batch DALI failed on (a broken file, CUDA out of memory, an
+    nvJPEG or driver failure), redone with PIL, by DALI's error. Files that no decoder can read are
+    error rows, not counted here.
+    """
+
+    dali: int = 0
+    by_design: Counter = field(default_factory=Counter)
+    after_error: Counter = field(default_factory=Counter)
+
+    @property
+    def pil(self) -> int:
+        """Files decoded with PIL instead of DALI (both kinds)."""
+        return sum(self.by_design.values()) + sum(self.after_error.values())
+
+    @property
+    def pil_share(self) -> float:
+        """The PIL files as a share of all decoded files (0 when none were decoded)."""
+        total = self.dali + self.pil
+        return self.pil / total if total else 0.0
+
+    def describe(self) -> str:
+        """One line, e.g. ``DALI 510, PIL 2 by design (EXIF 回転 2), 0 after DALI errors``."""
+
+        def reasons(counts: Counter) -> str:
+            return f" ({', '.join(f'{r} {n}' for r, n in counts.most_common())})" if counts else ""
+
+        return (
+            f"DALI {self.dali}, PIL {sum(self.by_design.values())} by design{reasons(self.by_design)},"
+            f" {sum(self.after_error.values())} after DALI errors{reasons(self.after_error)}"
+        )
+
+
+def route_reason(path: str | Path) -> str | None:
+    """Why :func:`iter_preprocessed` sends ``path`` to PIL (a short reason), or None for DALI.
 
     DALI gets complete 8-bit RGB/grayscale JPEG and PNG files within ``helpers.data.MAX_PIXELS``.
     Everything else goes to PIL (``helpers.data.open_image``), which converts odd modes (CMYK,
@@ -321,10 +363,14 @@ def route(path: str | Path) -> Literal["dali", "pil"]:
             with Image.open(path) as image:
                 fmt, mode, (width, height) = image.format, image.mode, image.size
                 orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        if fmt not in DALI_FORMATS or mode not in DALI_MODES or width * height > data.MAX_PIXELS:
-            return "pil"
+        if fmt not in DALI_FORMATS:
+            return f"{fmt} 形式"
+        if mode not in DALI_MODES:
+            return f"{mode} モード"
+        if width * height > data.MAX_PIXELS:
+            return "大きすぎる"
         if orientation not in (None, 1):  # rotated by EXIF: DALI applies it only in some versions
-            return "pil"
+            return "EXIF 回転"
         bits = 8
         with open(path, "rb") as handle:
             if fmt == "PNG":
@@ -333,9 +379,30 @@ def route(path: str | Path) -> Literal["dali", "pil"]:
             handle.seek(max(0, path.stat().st_size - _TAIL_BYTES))
             tail = handle.read()
     except Exception:  # unreadable for PIL too: open_image will say why
-        return "pil"
-    end = _JPEG_END if fmt == "JPEG" else _PNG_END
-    return "dali" if bits == 8 and end in tail else "pil"
+        return "読めない"
+    if bits != 8:
+        return f"{bits} ビット"
+    return None if (_JPEG_END if fmt == "JPEG" else _PNG_END) in tail else "末尾が欠けている"
+
+
+def route(path: str | Path) -> Literal["dali", "pil"]:
+    """Where :func:`iter_preprocessed` decodes ``path``: ``"dali"`` or ``"pil"`` (:func:`route_reason`)."""
+    return "dali" if route_reason(path) is None else "pil"
+
+
+def _first_line(err: BaseException) -> str:
+    """The telling line of a DALI error, without the pipeline boilerplate and file paths (≤ 120 chars).
+
+    DALI wraps the cause ("Assert on ... failed", "CUDA error: out of memory") in lines of context:
+    "Critical error in pipeline:", the operator, a Python traceback, "encountered:", the C++ context.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1 :]
+    skip = ("Critical error in pipeline", 'File "', "which was used", "C++ context", "Current pipeline")
+    useful = [line for line in lines if not line.startswith(skip)]
+    reason = useful[0] if useful else type(err).__name__
+    return re.sub(r"\s*File: \S+", "", reason)[:120]
 
 
 def _pil_row(path: Path, spec: PreprocessSpec) -> torch.Tensor:
@@ -350,11 +417,13 @@ def _dali_rows(
     batch_size: int,
     device: Device,
     num_threads: int,
-) -> Iterator[tuple[int, torch.Tensor | None]]:
-    """(position, pixels [3, H, W]) for each of ``positions``, in order; ``None`` when DALI failed.
+) -> Iterator[tuple[int, torch.Tensor | str]]:
+    """(position, pixels [3, H, W]) for each of ``positions``, in order; DALI's error (first line)
+    instead of the pixels when DALI failed.
 
-    When a batch fails (a file DALI cannot decode after all), its files come back as ``None``
-    (the caller decodes them with PIL, one by one) and a fresh pipeline continues with the rest.
+    When a batch fails (a file DALI cannot decode after all, or CUDA/nvJPEG trouble), its files come
+    back with the error (the caller decodes them with PIL, one by one, and counts them) and a fresh
+    pipeline continues with the rest.
     """
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -383,10 +452,11 @@ def _dali_rows(
             remaining = []
         except DaliUnavailableError:
             raise
-        except RuntimeError:  # DALI's "Critical error in pipeline": this batch goes to PIL
+        except RuntimeError as err:  # "Critical error in pipeline", CUDA OOM...: this batch goes to PIL
+            reason = _first_line(err)
             failed, remaining = remaining[done : done + batch_size], remaining[done + batch_size :]
             for position in failed:
-                yield position, None
+                yield position, reason
         finally:
             batches = pipe = None
 
@@ -397,6 +467,7 @@ def iter_preprocessed(
     batch_size: int,
     device: Device,
     num_threads: int = 2,
+    fallbacks: Fallbacks | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
     """Preprocess ``paths`` with DALI in batches: yields ``(indices, pixels, errors)``.
 
@@ -410,6 +481,7 @@ def iter_preprocessed(
     go to a DALI pipeline; odd ones (CMYK, 16-bit, palette, alpha, other formats) and broken
     ones go through PIL and :func:`helpers.models.preprocess_with_spec`. If DALI still fails on a
     batch, that batch is redone with PIL file by file, so one bad file never takes others down.
+    ``fallbacks`` (a :class:`Fallbacks`), when given, counts which decoder did what and why.
     """
     _require(device)
     if batch_size < 1:
@@ -420,7 +492,7 @@ def iter_preprocessed(
     on_dali = [i for i, r in enumerate(routes) if r == "dali"]
     stream = _dali_rows(paths, on_dali, spec, batch_size, device, num_threads)
     try:
-        yield from _assemble(paths, routes, stream, spec, batch_size, target)
+        yield from _assemble(paths, routes, stream, spec, batch_size, target, fallbacks or Fallbacks())
     finally:
         stream.close()  # releases the pipeline now, not when the garbage collector gets to it
 
@@ -432,9 +504,10 @@ def _assemble(
     spec: PreprocessSpec,
     batch_size: int,
     target: torch.device,
+    fallbacks: Fallbacks,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
     """Group DALI rows and PIL fallbacks into the batches :func:`iter_preprocessed` yields."""
-    pending: dict[int, torch.Tensor | None] = {}
+    pending: dict[int, torch.Tensor | str] = {}
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
         wanted = [i for i in chunk if routes[i] == "dali"]
@@ -445,13 +518,19 @@ def _assemble(
         errors: dict[int, str] = {}
         for i in chunk:
             pixels = pending.pop(i, None)
-            if pixels is None:
-                try:
-                    pixels = _pil_row(paths[i], spec).to(target)
-                except data.ImageReadError as err:
-                    errors[i] = err.reason
-                    continue
-            rows[i] = pixels
+            if isinstance(pixels, torch.Tensor):
+                fallbacks.dali += 1
+                rows[i] = pixels
+                continue
+            try:
+                rows[i] = _pil_row(paths[i], spec).to(target)
+            except data.ImageReadError as err:
+                errors[i] = err.reason
+                continue
+            if pixels is None:  # sent to PIL by the header check
+                fallbacks.by_design[route_reason(paths[i]) or "ヘッダーの確認"] += 1
+            else:  # DALI failed on its batch
+                fallbacks.after_error[pixels] += 1
         indices = sorted(rows)
         batch = (
             torch.stack([rows[i] for i in indices])

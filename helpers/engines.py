@@ -43,6 +43,8 @@ from helpers.zeroshot import Scoring
 if TYPE_CHECKING:
     from PIL import Image
 
+    from helpers.dali import Fallbacks
+
 __all__ = [
     "BACKENDS",
     "ImageFileDataset",
@@ -220,8 +222,11 @@ def backend_notice(backend: str = "auto") -> str:
     return f"バックエンド: {chosen} (auto: {why})"
 
 
-def _dali_batches(model: ClipModel, paths: list[Path], batch_size: int, num_threads: int) -> Iterator[Batch]:
-    """Batches from ``helpers.dali.iter_preprocessed`` (GPU decoding when the model is on CUDA)."""
+def _dali_batches(
+    model: ClipModel, paths: list[Path], batch_size: int, num_threads: int, fallbacks: Fallbacks | None
+) -> Iterator[Batch]:
+    """Batches from ``helpers.dali.iter_preprocessed`` (GPU decoding when the model is on CUDA);
+    ``fallbacks`` counts the files it decoded with PIL instead, and why."""
     try:
         from helpers import dali
     except ImportError as err:
@@ -237,7 +242,12 @@ def _dali_batches(model: ClipModel, paths: list[Path], batch_size: int, num_thre
         )
     device = "gpu" if model.device.type == "cuda" else "cpu"
     yield from iter_preprocessed(
-        paths, model.preprocess_spec, batch_size=batch_size, device=device, num_threads=num_threads
+        paths,
+        model.preprocess_spec,
+        batch_size=batch_size,
+        device=device,
+        num_threads=num_threads,
+        fallbacks=fallbacks,
     )
 
 
@@ -307,12 +317,14 @@ def iter_embeddings(
     num_workers: int | None = None,
     amp: bool = True,
     progress: bool = True,
+    fallbacks: Fallbacks | None = None,
 ) -> Iterator[list[Record]]:
     """Embed every file of ``paths``: yields lists of :class:`Record`, batch by batch, in input order.
 
     Every index appears exactly once; an unreadable file gives an ``"error"`` record with its
     reason and never stops the run. ``num_workers`` (DataLoader workers or DALI threads) defaults
-    to :func:`default_num_workers`; 0 reads in the main process.
+    to :func:`default_num_workers`; 0 reads in the main process. With the DALI backend, ``fallbacks``
+    (a :class:`helpers.dali.Fallbacks`) counts the files decoded with PIL instead, and why.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -320,7 +332,7 @@ def iter_embeddings(
     chosen = resolve_backend(backend)
     if chosen == "dali":
         threads = max(1, default_num_workers() if num_workers is None else num_workers)
-        source = _dali_batches(model, files, batch_size, threads)
+        source = _dali_batches(model, files, batch_size, threads, fallbacks)
     else:
         source = _loader_batches(model, files, batch_size, num_workers)
     from tqdm.auto import tqdm

@@ -69,3 +69,20 @@ def test_an_unreadable_image_is_named(tmp_path: Path, capsys) -> None:
     (folder / "b.jpg").write_bytes(b"")
     code = bench.main(["--images", str(folder), "--model", "embedded", "--out", str(tmp_path / "out")])
     assert code == 1 and "b.jpg" in capsys.readouterr().err
+
+
+def test_a_dali_row_that_pil_did_is_not_called_dali(monkeypatch, tmp_path: Path) -> None:
+    """A broken DALI: every file redone by PIL, counted, and the row says so instead of a DALI speed."""
+    from helpers import dali
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Critical error in pipeline:\nencountered:\nnvJPEG error (test)")
+
+    monkeypatch.setattr(dali, "build_pipeline", broken)
+    code = bench.main(["--n", "4", "--model", "embedded", "--out", str(tmp_path), "--variants", "dali"])
+    assert code == 0  # the answers are still right: PIL decoded them
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    row = report["results"][-1]
+    assert row["key"] == "dali" and "※ PIL が 100%" in row["name"]
+    assert "4 after DALI errors (nvJPEG error (test) 4)" in row["decoders"]
+    assert "DALI の速さとは言えません" in (tmp_path / "bench.md").read_text(encoding="utf-8")

@@ -155,6 +155,33 @@ def test_dali_backend_on_cpu_matches_dataloader(folder: Path, tmp_path: Path) ->
     assert max(gaps) <= DALI_PROB_TOLERANCE  # DALI's resampling is not PIL's: close, not equal
 
 
+def test_dali_summary_counts_what_went_to_pil_and_why(
+    folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """No silent fallback: odd files go to PIL by header, and a failing DALI is counted with its error."""
+    from helpers import dali
+
+    assert _run(folder, tmp_path / "dali.csv", "--backend", "dali") == 2
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.endswith(", 0 to PIL after DALI errors") and "to PIL by header" in summary
+    assert not summary.endswith(", 0 to PIL by header, 0 to PIL after DALI errors")  # CMYK, 16-bit, EXIF...
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Critical error in pipeline:\nencountered:\nCUDA error: out of memory")
+
+    monkeypatch.setattr(dali, "build_pipeline", broken)
+    out = tmp_path / "broken.csv"
+    assert _run(folder, out, "--backend", "dali") == 2  # every file still answered, by PIL
+    captured = capsys.readouterr()
+    summary = captured.out.strip().splitlines()[-1]
+    redone = int(summary.rsplit(", ", 1)[1].split()[0])
+    to_dali = [p for p in folder.iterdir() if p.is_file() and dali.route(p) == "dali"]
+    assert redone == len(to_dali) > 0 and summary.endswith(f", {redone} to PIL after DALI errors")
+    assert f"CUDA error: out of memory {redone}" in captured.err
+    assert _run(folder, tmp_path / "loader.csv", "--backend", "dataloader") == 2
+    assert _rows(out) == _rows(tmp_path / "loader.csv")  # what PIL gives, file for file
+
+
 def test_auto_backend_says_what_it_chose_and_why(folder: Path, tmp_path: Path, capsys) -> None:
     assert _run(folder, tmp_path / "auto.csv") == 2  # --backend auto is the default
     notice = capsys.readouterr().err.strip().splitlines()[0]

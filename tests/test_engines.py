@@ -127,7 +127,7 @@ def _fake_dali(monkeypatch: pytest.MonkeyPatch, iter_preprocessed=None) -> list[
     module = types.ModuleType("helpers.dali")
     if iter_preprocessed is not None:
 
-        def recording(paths, spec, batch_size, device, num_threads):
+        def recording(paths, spec, batch_size, device, num_threads, fallbacks=None):
             calls.append(
                 {"n": len(paths), "batch_size": batch_size, "device": device, "threads": num_threads}
             )

@@ -145,19 +145,26 @@ BERT_TEXT_CONFIG: dict[str, Any] = {
 """rinna's text tower: a 12-layer BERT over ``rinna/japanese-roberta-base``'s 32000 pieces ([PAD] is 3)."""
 
 
-def _vit_b16(model_type: str) -> dict[str, Any]:
-    """rinna's ViT-B/16 image tower at 224 pixels (their configuration class's keys)."""
-    return {
-        "model_type": model_type,
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "image_size": 224,
-        "patch_size": 16,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-    }
+VIT_B16_CONFIG: dict[str, Any] = {
+    "model_type": "vit",
+    "architectures": ["ViTModel"],
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "qkv_bias": True,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+}
+"""rinna's image tower: transformers' ViT-B/16 at 224 pixels (initialised from AugReg's vit-base-patch16-224).
+Not a CLIP vision config: LINE's ``model_rinna.py`` builds a CLIP one with ``add_pooling_layer=False``,
+which ``CLIPVisionModel`` does not take, so the real config must name another model type."""
 
 
 RINNA_CONFIGS: dict[str, dict[str, Any]] = {
@@ -168,7 +175,7 @@ RINNA_CONFIGS: dict[str, dict[str, Any]] = {
         "logit_scale_init_value": 2.6592,
         "initializer_factor": 1.0,
         "text_config": BERT_TEXT_CONFIG,
-        "vision_config": _vit_b16("clip_vision_model"),
+        "vision_config": VIT_B16_CONFIG,
     },
     RINNA_CLOOB: {
         "architectures": ["CLOOBModel"],
@@ -178,7 +185,7 @@ RINNA_CONFIGS: dict[str, dict[str, Any]] = {
         "scale_hopfield": 15.0,
         "initializer_factor": 1.0,
         "text_config": BERT_TEXT_CONFIG,
-        "vision_config": _vit_b16("cloob_vision_model"),
+        "vision_config": VIT_B16_CONFIG,
     },
 }
 
