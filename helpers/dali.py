@@ -105,8 +105,7 @@ def _require(device: str) -> None:
         raise ValueError(f'device must be "cpu" or "gpu", got {device!r}')
     if not available():
         raise DaliUnavailableError(
-            "NVIDIA DALI を import できません: `pip install nvidia-dali-cuda120` で入れてください"
-            " (または DataLoader の経路を使ってください)。"
+            f"NVIDIA DALI を使えません: {env.dali_problem()} (または DataLoader の経路を使ってください)。"
         )
     if device == "gpu" and not env.cuda_available():
         raise DaliUnavailableError(

@@ -218,7 +218,10 @@ def backend_notice(backend: str = "auto") -> str:
     chosen = resolve_backend(backend)
     if backend != "auto":
         return f"バックエンド: {chosen}"
-    why = "DALI の GPU パイプラインが使えるため" if chosen == "dali" else "DALI の GPU パイプラインがないため"
+    if chosen == "dali":
+        why = "DALI の GPU パイプラインが使えるため"
+    else:
+        why = env.dali_problem() or "GPU がないので DALI の GPU パイプラインは使えないため"
     return f"バックエンド: {chosen} (auto: {why})"
 
 

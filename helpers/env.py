@@ -42,12 +42,29 @@ def gpu_name() -> str | None:
 
 
 def dali_version() -> str | None:
-    """The installed NVIDIA DALI version, or None when DALI does not import."""
+    """The installed NVIDIA DALI version, or None when it does not import (:func:`dali_problem` says why)."""
     try:
         import nvidia.dali as dali
-    except Exception:  # any import failure (missing CUDA libraries too) means "no DALI"
+    except Exception:  # not installed, or installed but broken: dali_problem() tells them apart
         return None
     return str(dali.__version__)
+
+
+def dali_problem() -> str | None:
+    """Why DALI cannot be used here, in one line (None when it imports): not installed, or installed
+    but broken (with its import error: a missing CUDA library, a mismatched wheel...)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as err:
+        try:
+            installed = importlib.util.find_spec("nvidia.dali") is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            return "DALI が入っていません (pip install nvidia-dali-cuda120)"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"DALI は入っていますが壊れています ({type(err).__name__}: {detail[:160]})"
+    return None
 
 
 def dali_gpu_ok() -> bool:
@@ -145,7 +162,7 @@ class EnvReport:
             ("デバイス", self.device),
             ("GPU", self.gpu or "なし"),
             ("CPU コア数", str(self.cpu_count)),
-            ("DALI", self.dali or "なし"),
+            ("DALI", self.dali or (dali_problem() or "なし")),
             ("DALI の GPU パイプライン", yes(self.dali_gpu)),
             ("Hugging Face Hub に接続", yes(self.hub)),
             ("ワークロード", "quick (小)" if self.quick else "full (本番)"),

@@ -119,3 +119,22 @@ def test_usable_cpus_counts_the_affinity_mask_not_the_machine(monkeypatch: pytes
     assert env.usable_cpus() == 2
     monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: no mask, the machine's count
     assert env.usable_cpus() == 16
+
+
+def test_a_broken_dali_is_reported_as_broken_not_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import importlib.util
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name.startswith("nvidia.dali"):
+            raise OSError("libnvimgcodec.so.0: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # the wheel is there
+    problem = env.dali_problem()
+    assert env.dali_version() is None and "壊れています" in problem and "libnvimgcodec" in problem
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # nothing installed
+    assert "入っていません" in env.dali_problem() and "pip install nvidia-dali-cuda120" in env.dali_problem()
