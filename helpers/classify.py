@@ -153,6 +153,8 @@ class RunSettings:
     """``softmax`` (probabilities over labels) or ``sigmoid`` (per label, SigLIP)."""
     top_k: int
     min_score: float | None = None
+    decode: str = "at size"
+    """``"at size"`` (JPEGs decoded reduced, the default) or ``"exact"`` (``--exact-decode``)."""
 
     def comparable(self) -> dict[str, object]:
         """The fields that must match for a resume."""
@@ -231,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
     parser.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="JPEG を縮小デコードせず、モデル自身の前処理で元の大きさから (以前と同じ結果、遅い)",
+    )
+    parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
@@ -285,7 +292,14 @@ def run(args: argparse.Namespace) -> int:
     model, note = prepare(args.model, run_check=not args.no_check, trust_remote_code=args.trust_remote_code)
     print(note, file=sys.stderr)
     settings = RunSettings(
-        labels, templates, model.name, model.fingerprint, model.scoring.kind, args.top_k, args.min_score
+        labels,
+        templates,
+        model.name,
+        model.fingerprint,
+        model.scoring.kind,
+        args.top_k,
+        args.min_score,
+        "exact" if args.exact_decode else "at size",
     )
     done = rows_done(args.out, settings) if args.resume else {}
     if args.embeddings and done:  # rows whose embedding is not stored yet are done again
@@ -318,7 +332,12 @@ def run(args: argparse.Namespace) -> int:
         if mode == "w":
             writer.writeheader()
         with tqdm(total=len(todo), unit="枚", disable=args.no_progress or not todo, file=sys.stderr) as bar:
-            options = {"backend": backend, "batch_size": args.batch_size, "num_workers": args.workers}
+            options = {
+                "backend": backend,
+                "batch_size": args.batch_size,
+                "num_workers": args.workers,
+                "exact_decode": args.exact_decode,
+            }
             fallbacks = _dali_fallbacks() if backend == "dali" and args.engine == "local" else None
             start = time.perf_counter()  # the first batch request: loading and check() are not counted
             if args.engine == "ray":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,13 +70,30 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+def draft_request(width: int, height: int, floor: int, side: str) -> tuple[int, int]:
+    """The size to ask libjpeg for (``Image.draft``) so that ``side`` of a ``width``×``height`` picture
+    stays at least ``floor`` pixels: ``"shorter"``, ``"longer"`` or ``"both"`` (each side)."""
+    if side == "both":
+        return min(width, floor), min(height, floor)
+    reference = min(width, height) if side == "shorter" else max(width, height)
+    scale = min(1.0, floor / reference)
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def open_image(
+    path: str | Path, max_pixels: int | None = None, at_least: tuple[int, str] | None = None
+) -> Image.Image:
     """Open an image as 8-bit RGB with its EXIF orientation applied.
 
     Odd but valid files (CMYK, 16-bit, palette, grayscale, alpha, 1×1) are converted.
     Anything unreadable raises :class:`ImageReadError` naming the file: missing, a folder,
     empty, not an image, truncated, or larger than ``max_pixels`` (default :data:`MAX_PIXELS`,
-    read at call time).
+    read at call time; checked on the file's full size).
+
+    ``at_least=(pixels, side)`` lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 of its size (a
+    DCT-domain downscale, several times faster) as long as ``side`` (``"shorter"``, ``"longer"``
+    or ``"both"``) keeps at least ``pixels``: for when the picture is resized down afterwards
+    (:meth:`helpers.models.PreprocessSpec.decode_floor`). Other formats decode in full.
     """
     path = Path(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
@@ -93,6 +111,8 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
                     raise ImageReadError(
                         path, f"画像が大きすぎます: {width}×{height} > {limit:,} 画素 (too large)"
                     )
+                if at_least is not None and image.format == "JPEG":
+                    image.draft(image.mode, draft_request(width, height, *at_least))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb(image)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from helpers import env, zeroshot
 from helpers.data import ImageReadError, open_image
 from helpers.env import usable_cpus  # re-exported: bench and the notebooks ask engines for it
-from helpers.models import ClipModel, PreprocessSpec, preprocess_with_spec
+from helpers.models import ClipModel, PreprocessSpec, normalize, preprocess_with_spec, resize_with_spec
 from helpers.zeroshot import Scoring
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ __all__ = [
     "ImageFileDataset",
     "Prediction",
     "Record",
+    "SizedDecode",
     "autocast_dtype",
     "backend_notice",
     "classify",
@@ -91,15 +92,37 @@ class Record:
 # ---------------------------------------------------------------- reading and preprocessing
 
 
-def worker_preprocess(model: ClipModel) -> Preprocess:
-    """What the workers should run to preprocess exactly as ``model.preprocess`` does.
+@dataclass(frozen=True)
+class SizedDecode:
+    """The fast worker step: decode at the size the model needs, apply its geometry, hand over uint8.
 
-    The model's :class:`PreprocessSpec` (light to send to a worker) when the model's own
-    preprocessing *is* :func:`~helpers.models.preprocess_with_spec` (``random:vit-b16``); otherwise
-    the model's own ``preprocess`` (an HF image processor, rinna's transform), since the spec
-    reproduces those only to within rounding for some models. With the ``fork`` start method
-    (Linux, Colab) workers share the model's memory; with ``spawn`` the model is pickled to each.
+    JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as the picture stays
+    :data:`~helpers.models.base.DECODE_MARGIN` times larger than the model's input
+    (:meth:`PreprocessSpec.decode_floor`); then the spec's resize, crop or letterbox; the result is
+    uint8 ``[3, size, size]`` (a quarter of float32's bytes). :func:`encode_batch` converts and
+    normalises on the model's device.
     """
+
+    spec: PreprocessSpec
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        image = open_image(path, at_least=self.spec.decode_floor())
+        return resize_with_spec(image, self.spec)[0]
+
+
+def worker_preprocess(model: ClipModel, exact_decode: bool = False) -> Preprocess | SizedDecode:
+    """What the workers run to read a file into the model's input.
+
+    By default :class:`SizedDecode` (reduced-size JPEG decoding, the model's :class:`PreprocessSpec`,
+    uint8 out). With ``exact_decode`` the path that reproduces ``model.preprocess`` exactly: the
+    model's :class:`PreprocessSpec` (light to send to a worker) when the model's own preprocessing
+    *is* :func:`~helpers.models.preprocess_with_spec` (``random:vit-b16``); otherwise the model's
+    own ``preprocess`` (an HF image processor, rinna's transform), since the spec reproduces those
+    only to within rounding for some models. With the ``fork`` start method (Linux, Colab) workers
+    share the model's memory; with ``spawn`` the model is pickled to each.
+    """
+    if not exact_decode:
+        return SizedDecode(model.preprocess_spec)
     own = type(model)._preprocess
     if own is ClipModel._preprocess or getattr(model, "processor", "own") is None:
         return model.preprocess_spec
@@ -109,12 +132,13 @@ def worker_preprocess(model: ClipModel) -> Preprocess:
 class ImageFileDataset(torch.utils.data.Dataset):
     """Image files → ``(index, pixels [3, H, W] or None, error reason)``, one file per item.
 
-    ``preprocess`` is a :class:`PreprocessSpec` (run with :func:`preprocess_with_spec`) or a
-    callable that turns a list of PIL images into a [B, 3, H, W] tensor (a model's ``preprocess``).
-    Unreadable files are not raised: their item carries ``None`` and the reason.
+    ``preprocess`` is a :class:`SizedDecode` (uint8 pixels from a reduced-size decode), a
+    :class:`PreprocessSpec` (run with :func:`preprocess_with_spec`) or a callable that turns a list
+    of PIL images into a [B, 3, H, W] tensor (a model's ``preprocess``). Unreadable files are not
+    raised: their item carries ``None`` and the reason.
     """
 
-    def __init__(self, paths: Sequence[str | Path], preprocess: Preprocess) -> None:
+    def __init__(self, paths: Sequence[str | Path], preprocess: Preprocess | SizedDecode) -> None:
         self.paths = [Path(p) for p in paths]
         self.preprocess = preprocess
 
@@ -125,6 +149,13 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.paths[index]
         with warnings.catch_warnings():  # a worker's warnings would land on the notebook's stderr
             warnings.simplefilter("ignore")
+            if isinstance(self.preprocess, SizedDecode):
+                try:
+                    return index, self.preprocess(path), ""
+                except ImageReadError as err:
+                    return index, None, err.reason
+                except Exception as err:  # a valid image the preprocessing cannot handle
+                    return index, None, f"前処理に失敗しました ({type(err).__name__}: {err})"
             try:
                 image = open_image(path)
             except ImageReadError as err:
@@ -167,7 +198,7 @@ def default_num_workers() -> int:
 
 def make_loader(
     paths: Sequence[str | Path],
-    preprocess: Preprocess,
+    preprocess: Preprocess | SizedDecode,
     batch_size: int = 64,
     num_workers: int | None = None,
     pin_memory: bool | None = None,
@@ -255,9 +286,9 @@ def _dali_batches(
 
 
 def _loader_batches(
-    model: ClipModel, paths: list[Path], batch_size: int, num_workers: int | None
+    model: ClipModel, paths: list[Path], batch_size: int, num_workers: int | None, exact_decode: bool
 ) -> Iterator[Batch]:
-    loader = make_loader(paths, worker_preprocess(model), batch_size, num_workers)
+    loader = make_loader(paths, worker_preprocess(model, exact_decode), batch_size, num_workers)
     yield from loader
 
 
@@ -272,6 +303,8 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
 def encode_batch(model: ClipModel, pixels: torch.Tensor, amp: bool = True) -> torch.Tensor:
     """L2-normalised float32 image embeddings [B, D] on the CPU for a preprocessed batch.
 
+    ``pixels`` are normalised float32 or uint8 at the model's input size (:class:`SizedDecode`),
+    converted and normalised here, on the model's device after the (pinned, non-blocking) copy.
     Runs under ``torch.inference_mode()`` and, with ``amp``, under :func:`autocast_dtype` autocast.
     """
     dtype = autocast_dtype(model.device) if amp else None
@@ -280,6 +313,8 @@ def encode_batch(model: ClipModel, pixels: torch.Tensor, amp: bool = True) -> to
     )
     with torch.inference_mode(), autocast:
         pixels = pixels.to(model.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = normalize(pixels, model.preprocess_spec)
         features = model.encode_images(pixels)
     return F.normalize(features.float(), dim=-1).cpu()
 
@@ -321,12 +356,15 @@ def iter_embeddings(
     amp: bool = True,
     progress: bool = True,
     fallbacks: Fallbacks | None = None,
+    exact_decode: bool = False,
 ) -> Iterator[list[Record]]:
     """Embed every file of ``paths``: yields lists of :class:`Record`, batch by batch, in input order.
 
     Every index appears exactly once; an unreadable file gives an ``"error"`` record with its
     reason and never stops the run. ``num_workers`` (DataLoader workers or DALI threads) defaults
-    to :func:`default_num_workers`; 0 reads in the main process. With the DALI backend, ``fallbacks``
+    to :func:`default_num_workers`; 0 reads in the main process. The DataLoader decodes JPEGs at the
+    size the model needs and sends uint8 (:class:`SizedDecode`) unless ``exact_decode`` asks for the
+    model's own preprocessing of the full picture. With the DALI backend, ``fallbacks``
     (a :class:`helpers.dali.Fallbacks`) counts the files decoded with PIL instead, and why.
     """
     if batch_size < 1:
@@ -337,7 +375,7 @@ def iter_embeddings(
         threads = max(1, default_num_workers() if num_workers is None else num_workers)
         source = _dali_batches(model, files, batch_size, threads, fallbacks)
     else:
-        source = _loader_batches(model, files, batch_size, num_workers)
+        source = _loader_batches(model, files, batch_size, num_workers, exact_decode)
     from tqdm.auto import tqdm
 
     order = _Reorder(files)

@@ -53,7 +53,7 @@ import torch
 from helpers import REPO_ROOT
 from helpers.data import ImageReadError, open_image
 from helpers.engines import Record, dali_engine_available, encode_batch, resolve_backend
-from helpers.models import ClipModel, PreprocessSpec, prepare, preprocess_with_spec
+from helpers.models import ClipModel, PreprocessSpec, prepare, preprocess_with_spec, resize_with_spec
 
 if TYPE_CHECKING:
     import ray.data
@@ -300,11 +300,12 @@ def session(
 # ---------------------------------------------------------------- reading and preprocessing (CPU tasks)
 
 
-def read_image(path: str):
+def read_image(path: str, at_least: tuple[int, str] | None = None):
     """Open one image as RGB: a local path with :func:`~helpers.data.open_image`, a URI
-    (``s3://``, ``gs://``, ``file://``, ...) through ``pyarrow.fs``. Raises ``ImageReadError``."""
+    (``s3://``, ``gs://``, ``file://``, ...) through ``pyarrow.fs``. Raises ``ImageReadError``.
+    ``at_least``: decode JPEGs at reduced size (see :func:`~helpers.data.open_image`)."""
     if "://" not in path:
-        return open_image(path)
+        return open_image(path, at_least=at_least)
     import pyarrow.fs
 
     name = path.rsplit("/", 1)[-1]
@@ -320,25 +321,34 @@ def read_image(path: str):
     with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as tmp:
         tmp.write(data)
         tmp.flush()
-        return open_image(tmp.name)
+        return open_image(tmp.name, at_least=at_least)
 
 
-def read_and_preprocess(batch: dict[str, np.ndarray], spec: PreprocessSpec) -> dict[str, np.ndarray]:
+def read_and_preprocess(
+    batch: dict[str, np.ndarray], spec: PreprocessSpec, exact_decode: bool = False
+) -> dict[str, np.ndarray]:
     """A Ray Data batch ``{index, path}`` → ``{index, ok, error, pixels}``, one row per file.
 
     Each file is read and preprocessed in its own try/except: a bad file gives ``ok=False``, its
-    reason in ``error`` and zero pixels, and the rest of the batch goes on.
+    reason in ``error`` and zero pixels, and the rest of the batch goes on. ``pixels`` are uint8 at
+    the model's input size from a reduced-size JPEG decode (the actor normalises them), or with
+    ``exact_decode`` normalised float32 from the full picture.
     """
     n = len(batch["index"])
-    pixels = np.zeros((n, 3, spec.size, spec.size), dtype=np.float32)
+    dtype = np.float32 if exact_decode else np.uint8
+    at_least = None if exact_decode else spec.decode_floor()
+    pixels = np.zeros((n, 3, spec.size, spec.size), dtype=dtype)
     ok = np.zeros(n, dtype=bool)
     errors = [""] * n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for row, path in enumerate(batch["path"]):
             try:
-                image = read_image(str(path))
-                pixels[row] = preprocess_with_spec(image, spec)[0].numpy()
+                image = read_image(str(path), at_least)
+                prepared = (
+                    preprocess_with_spec(image, spec) if exact_decode else resize_with_spec(image, spec)
+                )
+                pixels[row] = prepared[0].numpy()
                 ok[row] = True
             except ImageReadError as err:
                 errors[row] = err.reason
@@ -482,6 +492,7 @@ def build_dataset(
     encoder_cls: type[Encoder] = Encoder,
     run_check: bool = True,
     trust_remote_code: bool = False,
+    exact_decode: bool = False,
 ) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: file list → CPU tasks (read + preprocess) → actor pool (model).
 
@@ -497,7 +508,7 @@ def build_dataset(
     if not dali:
         ds = ds.map_batches(
             read_and_preprocess,
-            fn_kwargs={"spec": spec},
+            fn_kwargs={"spec": spec, "exact_decode": exact_decode},
             batch_size=batch_size,
             batch_format="numpy",
             compute=TaskPoolStrategy(size=plan.num_tasks),
@@ -571,6 +582,7 @@ def iter_embeddings(
     encoder_cls: type[Encoder] = Encoder,
     run_check: bool = True,
     trust_remote_code: bool = False,
+    exact_decode: bool = False,
 ) -> Iterator[list[Record]]:
     """Embed every file of ``paths`` on Ray: lists of Records in input order, each index once.
 
@@ -581,7 +593,8 @@ def iter_embeddings(
     Ray is started with :func:`start` (``address``, ``num_cpus``) unless it is up already, and shut
     down at the end if this call started it. ``progress`` shows a bar of rows done. Every actor runs
     :func:`helpers.models.check` once after loading unless ``run_check`` is False; ``trust_remote_code``
-    is passed to its :func:`helpers.models.load_clip`.
+    is passed to its :func:`helpers.models.load_clip`. The CPU tasks send uint8 pixels from a reduced-size
+    JPEG decode unless ``exact_decode`` (see :func:`read_and_preprocess`).
     """
     from tqdm.auto import tqdm
 
@@ -614,6 +627,7 @@ def iter_embeddings(
             encoder_cls,
             run_check=run_check,
             trust_remote_code=trust_remote_code,
+            exact_decode=exact_decode,
         )
         begin = time.perf_counter()
         pending: dict[int, Record] = {}

@@ -102,7 +102,8 @@ def test_collate_keeps_errors_beside_the_stack() -> None:
 
 
 def test_worker_preprocess_matches_the_model(model) -> None:
-    assert engines.worker_preprocess(model) == model.preprocess  # the HF processor itself
+    assert engines.worker_preprocess(model) == engines.SizedDecode(model.preprocess_spec)  # the fast default
+    assert engines.worker_preprocess(model, exact_decode=True) == model.preprocess  # the HF processor itself
     small = {
         "vision_config": {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
@@ -112,7 +113,7 @@ def test_worker_preprocess_matches_the_model(model) -> None:
         "projection_dim": 16,
     }  # fmt: skip
     tiny_random = random_vit.load_random_vit_b16(torch.device("cpu"), torch.float32, config_overrides=small)
-    spec = engines.worker_preprocess(tiny_random)
+    spec = engines.worker_preprocess(tiny_random, exact_decode=True)
     assert spec is tiny_random.preprocess_spec  # its own preprocessing is preprocess_with_spec
     image = shapes.draw_shape("青い三角", 3, size=90).resize((90, 50))
     assert torch.equal(preprocess_with_spec(image, spec), tiny_random.preprocess([image]))
@@ -247,3 +248,23 @@ def test_image_file_dataset_reports_preprocessing_failures(tmp_path: Path) -> No
 
     index, pixels, error = engines.ImageFileDataset([path], broken)[0]
     assert index == 0 and pixels is None and "boom" in error
+
+
+def test_sized_decode_reads_big_jpegs_reduced_and_sends_uint8(model, tmp_path: Path) -> None:
+    """A 1260×750 JPEG for a 64-px model: libjpeg decodes 1/4 (315×188, still ≥ 1.5 × 64 on the shorter
+    side), the worker sends uint8 at the model's size, and the answer stays close to the exact path's."""
+    path = tmp_path / "big.jpg"
+    shapes.draw_shape("緑の四角", 4, size=750).resize((1260, 750)).save(path, quality=90)
+    spec = model.preprocess_spec
+    assert open_image(path, at_least=spec.decode_floor()).size == (315, 188)
+    pixels = engines.SizedDecode(spec)(path)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, spec.size, spec.size)
+    fast = engines.encode_batch(model, pixels[None])[0]
+    exact = _reference(model, path)
+    assert float(fast @ exact) > 0.99  # cosine of the two embeddings
+    from helpers.models import normalize
+
+    assert torch.allclose(
+        normalize(pixels[None], spec),
+        preprocess_with_spec(open_image(path, at_least=spec.decode_floor()), spec),
+    )

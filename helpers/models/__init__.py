@@ -67,7 +67,9 @@ from helpers.models.base import (
     PreprocessSpec,
     Scoring,
     describe,
+    normalize,
     preprocess_with_spec,
+    resize_with_spec,
 )
 from helpers.models.hub import is_hub_id, offline_plan, read_config
 
@@ -90,9 +92,11 @@ __all__ = [
     "check",
     "describe",
     "load_clip",
+    "normalize",
     "prepare",
     "preprocess_with_spec",
     "requested_model",
+    "resize_with_spec",
 ]
 
 OFFLINE_NOTICE = "Hugging Face Hub に接続できないため、同梱の小さなモデル (embedded) を使います。"

@@ -42,7 +42,9 @@ __all__ = [
     "PreprocessSpec",
     "Scoring",
     "describe",
+    "normalize",
     "preprocess_with_spec",
+    "resize_with_spec",
     "scoring_of",
 ]
 
@@ -81,6 +83,15 @@ class ModelCheckError(RuntimeError):
 # ---------------------------------------------------------------- preprocessing
 
 
+DECODE_MARGIN = 1.5
+"""Decoding at reduced size keeps the resized side at least this many times the model's input, so the
+resize that follows still shrinks (by ≥ 1.5, with its antialiasing filter) rather than working from a
+picture at or below the model's size (README: the measured effect on the answers)."""
+
+DecodeSide = Literal["shorter", "longer", "both"]
+"""Which side of a picture a reduced decode must keep large enough (``"both"``: each side)."""
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a model wants its pictures: enough for DALI (or anyone) to reproduce its preprocessing.
@@ -111,6 +122,13 @@ class PreprocessSpec:
     def target(self) -> int:
         """The side length the resize step produces (``resize_size`` or ``size``)."""
         return self.resize_size or self.size
+
+    def decode_floor(self, margin: float = DECODE_MARGIN) -> tuple[int, DecodeSide]:
+        """How small a JPEG may be decoded (libjpeg's DCT-domain downscale) and still feed this resize
+        well: ``(pixels, side)``, the ``side`` (``"both"`` for a squash) kept at least ``margin`` times
+        the resize target."""
+        side: DecodeSide = "both" if self.resize == "squash" else self.resize
+        return int(np.ceil(margin * self.target)), side
 
     def as_dict(self) -> dict[str, Any]:
         """The spec as a JSON-friendly dict."""
@@ -155,19 +173,33 @@ def _pad_center(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     return canvas
 
 
+def resize_with_spec(images: Image.Image | Sequence[Image.Image], spec: PreprocessSpec) -> torch.Tensor:
+    """The geometry of ``spec`` only: a uint8 CPU batch [B, 3, size, size] (resized, cropped or padded).
+
+    A quarter of float32's bytes: what workers send; :func:`normalize` finishes the job on the
+    model's device.
+    """
+    if isinstance(images, Image.Image):
+        images = [images]
+    arrays = np.stack([np.asarray(_resize_one(im, spec), dtype=np.uint8) for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2)
+
+
+def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 [B, 3, H, W] → float32 ``(x / 255 - mean) / std``, on the device ``pixels`` are on."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return pixels.float().div_(255.0).sub_(mean).div_(std).contiguous()
+
+
 def preprocess_with_spec(images: Image.Image | Sequence[Image.Image], spec: PreprocessSpec) -> torch.Tensor:
     """A float32 CPU batch [B, 3, size, size] made from PIL ``images`` by following ``spec`` with PIL.
 
     The reference implementation of :class:`PreprocessSpec` (matches transformers' PIL-backend
-    processors exactly, torchvision's within a pixel of rounding).
+    processors exactly, torchvision's within a pixel of rounding): :func:`resize_with_spec`, then
+    :func:`normalize`.
     """
-    if isinstance(images, Image.Image):
-        images = [images]
-    arrays = np.stack([np.asarray(_resize_one(im, spec), dtype=np.float32) for im in images])
-    batch = torch.from_numpy(arrays).permute(0, 3, 1, 2).div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return batch.sub_(mean).div_(std).contiguous()
+    return normalize(resize_with_spec(images, spec), spec)
 
 
 # ---------------------------------------------------------------- the model interface
