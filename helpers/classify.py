@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from helpers import embeddings, engines
-from helpers.data import is_image_file
+from helpers.data import ImageListing, scan_images
 from helpers.engines import Record
 from helpers.models import ClipModel
 
@@ -58,31 +58,16 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- inputs
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """The files to classify and what was passed over."""
-
-    root: Path
-    files: list[Path]
-    skipped: int
-    """Files in the folder that are not images by their extension."""
+Inputs = ImageListing
+"""The files to classify and what was passed over (:class:`helpers.data.ImageListing`)."""
 
 
 def find_inputs(root: Path, recursive: bool = False) -> Inputs:
     """Image files under ``root`` (sub-folders only when ``recursive``), sorted by relative path."""
-    if not root.is_dir():
-        raise UsageError(f"画像フォルダーが見つかりません: {root}")
-    entries = root.rglob("*") if recursive else root.iterdir()
-    files, skipped = [], 0
-    for entry in entries:
-        if entry.is_dir():
-            continue
-        if is_image_file(entry):
-            files.append(entry)
-        else:
-            skipped += 1
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    return Inputs(root, files, skipped)
+    try:
+        return scan_images(root, recursive)
+    except NotADirectoryError as err:
+        raise UsageError(str(err)) from None
 
 
 def parse_shard(text: str) -> tuple[int, int]:

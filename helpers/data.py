@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +41,42 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` (sub-folders only when ``recursive``), sorted by path.
+@dataclass(frozen=True)
+class ImageListing:
+    """The image files of a folder and what was passed over."""
 
-    Raises ``NotADirectoryError`` with the folder's name when it is not a folder.
+    root: Path
+    files: list[Path]
+    """Image files (by extension), sorted by their path relative to ``root`` with ``/`` separators."""
+    skipped: int
+    """Files that are not images by their extension."""
+
+
+def scan_images(folder: str | Path, recursive: bool = False) -> ImageListing:
+    """The image files in ``folder`` (sub-folders only when ``recursive``) and how many others there were.
+
+    The one listing every command, engine and notebook uses: sorted by the relative ``/`` path (the
+    order of classify's CSV rows). Raises ``NotADirectoryError`` with the folder's name when it is not
+    a folder.
     """
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"画像フォルダーが見つかりません: {root}")
-    candidates: Iterator[Path] = root.rglob("*") if recursive else root.iterdir()
-    return sorted(p for p in candidates if is_image_file(p) and not p.is_dir())
+    files, skipped = [], 0
+    for entry in root.rglob("*") if recursive else root.iterdir():
+        if entry.is_dir():
+            continue
+        if is_image_file(entry):
+            files.append(entry)
+        else:
+            skipped += 1
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return ImageListing(root, files, skipped)
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (sub-folders only when ``recursive``), in :func:`scan_images` order."""
+    return scan_images(folder, recursive).files
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -70,6 +70,7 @@ def input_levels(model, paths: list[Path]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="workload photos and drawn shapes (each)")
+    parser.add_argument("--models", default="embedded,random:vit-b16", help="comma-separated load_clip names")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(header + " | accuracy exact → at size |")
         print("|---|---|---:|---:|---:|---:|---:|")
-        for name in ("embedded", "random:vit-b16"):
+        for name in args.models.split(","):
             model = load_clip(name, device="cpu")
             labels = model.label_features(SHAPE_LABELS)
             for set_name, paths in sets.items():

@@ -25,7 +25,7 @@ Usage (upstream folder layout: ``tests/verify/README.md``)::
     python3 tests/verify/verify_real_models.py --upstream DIR [--work DIR] [--keep-venvs] [--reuse]
 
 Named ``verify_*.py`` so pytest does not collect it; CI never runs it (it needs the upstream files,
-about 3 GB of disk and minutes of CPU). The same file is the driver and, run inside each environment
+about 2.5 GB of disk and minutes of CPU). The same file is the driver and, run inside each environment
 with the hidden ``--stage`` option, the two measuring stages (they import torch and friends lazily).
 """
 
@@ -114,7 +114,7 @@ TEXTS: tuple[str, ...] = (
     "白黒写真の男性",
     "  前後に空白  ",
     "改行を\n含む文",
-    "とても長い説明文です。" * 12,
+    "とても長い説明文です。" * 20,
 )
 """Capitals, full-width letters, half-width kana, emoji, rare and non-BMP kanji, spaces, a newline and a
 text longer than the 77-token limit, beside plain captions."""
@@ -447,6 +447,7 @@ def stage_env(work: Path) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         HF_HUB_DISABLE_TELEMETRY="1",
         TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",  # 4.51.3 calls copying remote code from the cache "downloaded"
         TORCH_HOME=str(work / "torch_home"),
         PYTHONNOUSERSITE="1",
         PYTHONDONTWRITEBYTECODE="1",  # the project stage imports helpers/ from the checkout
@@ -546,10 +547,12 @@ def drive(args: argparse.Namespace) -> int:
     results = json.loads((work / "results.json").read_text(encoding="utf-8"))
     say("")
     ok = print_report(results, reference)
-    say(f"\n{'OK' if ok else 'DIFFERENT'}: {time.monotonic() - started:.0f} s in all")
+    say(f"\noutputs: {work / 'reference.npz'}, reference.json, results.json, logs/")
     if not (args.keep_venvs or args.reuse):
+        say("removing both environments (--keep-venvs keeps them for --reuse)")
         for venv in ("venv-reference", "venv-project"):
             shutil.rmtree(work / venv, ignore_errors=True)
+    say(f"{'OK' if ok else 'DIFFERENT'}: {time.monotonic() - started:.0f} s in all")
     return 0 if ok else 1
 
 
