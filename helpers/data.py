@@ -139,7 +139,7 @@ def open_image(
                 if at_least is not None and image.format == "JPEG":
                     image.draft(image.mode, draft_request(width, height, *at_least))
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
                 return _to_rgb(image)
     except ImageReadError:
         raise

@@ -140,7 +140,8 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 def _resize_one(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     """One RGB picture resized, cropped or padded to ``spec.size`` square."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # converting an RGB picture would only copy it
+        image = image.convert("RGB")
     width, height = image.size
     target, resample = spec.target, _RESAMPLE[spec.interpolation]
     if spec.resize == "squash":
