@@ -34,7 +34,7 @@ import torch
 
 from helpers import engines, env
 from helpers.data import BUILD_DIR, ImageReadError, list_images, make_workload, open_image, sample_photos
-from helpers.models import ClipModel, ModelCheckError, ModelLoadError, prepare
+from helpers.models import ClipModel, ModelCheckError, ModelLoadError, add_loading_options, prepare
 from helpers.timing import ResultsTable, Timing, measure
 
 if TYPE_CHECKING:
@@ -393,16 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="繰り返し回数 (既定: GPU 3、quick 1)")
     parser.add_argument("--variants", help="測る方式のキーをカンマ区切りで (例: a,b,e)。a は必ず含む")
     parser.add_argument("--note", help="マシンの呼び名 (例: 'H100, 2 cores, estimate for T4')")
-    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
+    add_loading_options(parser)
     parser.add_argument(
         "--exact-decode",
         action="store_true",
         help="縮小デコードの方式 (g) を測らない (classify と同じフラグ)",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="書き出し先フォルダー")
     return parser

@@ -45,7 +45,7 @@ import torch
 from helpers import embeddings, engines
 from helpers.data import ImageListing, scan_images
 from helpers.engines import Record
-from helpers.models import ClipModel
+from helpers.models import ClipModel, add_loading_options
 
 NONE_LABEL = "none"
 """``label_1`` of an image whose best raw cosine similarity is below ``--min-score``."""
@@ -216,16 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="load_clip に渡すモデル名 (既定: $CLIP_MODEL、なければ auto。Hub に届かなければ止まります)",
     )
-    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
+    add_loading_options(parser)
     parser.add_argument(
         "--exact-decode",
         action="store_true",
         help="JPEG を縮小デコードせず、モデル自身の前処理で元の大きさから (以前と同じ結果、遅い)",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", choices=["auto", "dataloader", "dali"], default="auto")

@@ -476,7 +476,7 @@ def iter_preprocessed(
     ``device="gpu"``, else on the CPU) and ``errors`` maps each of the others to a short reason
     (the same one ``helpers.data.open_image`` gives). Every position appears exactly once.
 
-    Files pass a cheap header check first (:func:`route`): complete 8-bit RGB/grey JPEG and PNG
+    Files pass a cheap header check first (:func:`route_reason`): complete 8-bit RGB/grey JPEG and PNG
     go to a DALI pipeline; odd ones (CMYK, 16-bit, palette, alpha, other formats) and broken
     ones go through PIL and :func:`helpers.models.preprocess_with_spec`. If DALI still fails on a
     batch, that batch is redone with PIL file by file, so one bad file never takes others down.
@@ -487,18 +487,18 @@ def iter_preprocessed(
         raise ValueError("batch_size must be at least 1")
     paths = [Path(p) for p in paths]
     target = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
-    routes = [route(p) for p in paths]
-    on_dali = [i for i, r in enumerate(routes) if r == "dali"]
+    reasons = [route_reason(p) for p in paths]  # one header read per file: None = DALI
+    on_dali = [i for i, reason in enumerate(reasons) if reason is None]
     stream = _dali_rows(paths, on_dali, spec, batch_size, device, num_threads)
     try:
-        yield from _assemble(paths, routes, stream, spec, batch_size, target, fallbacks or Fallbacks())
+        yield from _assemble(paths, reasons, stream, spec, batch_size, target, fallbacks or Fallbacks())
     finally:
         stream.close()  # releases the pipeline now, not when the garbage collector gets to it
 
 
 def _assemble(
     paths: list[Path],
-    routes: list[str],
+    reasons: list[str | None],
     stream: Iterator[tuple[int, torch.Tensor | None]],
     spec: PreprocessSpec,
     batch_size: int,
@@ -509,7 +509,7 @@ def _assemble(
     pending: dict[int, torch.Tensor | str] = {}
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
-        wanted = [i for i in chunk if routes[i] == "dali"]
+        wanted = [i for i in chunk if reasons[i] is None]
         while any(i not in pending for i in wanted):
             position, pixels = next(stream)
             pending[position] = pixels
@@ -527,7 +527,7 @@ def _assemble(
                 errors[i] = err.reason
                 continue
             if pixels is None:  # sent to PIL by the header check
-                fallbacks.by_design[route_reason(paths[i]) or "ヘッダーの確認"] += 1
+                fallbacks.by_design[reasons[i]] += 1
             else:  # DALI failed on its batch
                 fallbacks.after_error[pixels] += 1
         indices = sorted(rows)

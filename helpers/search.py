@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import embeddings as emb
+from helpers.models import add_loading_options
 
 __all__ = ["Hit", "SearchError", "faiss_available", "image_query", "main", "search", "text_query"]
 
@@ -128,12 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=10, help="表示する件数 (既定 10)")
     parser.add_argument("--model", help="モデル名 (既定: 埋め込みファイルに記録されたモデル)")
     parser.add_argument("--chunk-rows", type=int, default=65_536, help="一度に読む行数")
-    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
-    )
+    add_loading_options(parser)
     return parser
 
 

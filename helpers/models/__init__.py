@@ -42,6 +42,7 @@ dispatcher.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -89,6 +90,7 @@ __all__ = [
     "ModelLoadError",
     "PreprocessSpec",
     "Scoring",
+    "add_loading_options",
     "check",
     "describe",
     "load_clip",
@@ -205,6 +207,16 @@ def _load_named(name: str, device: torch.device, dtype: torch.dtype, trust_remot
         return siglip.load_siglip(source, name=name, device=device, dtype=dtype, model_type=model_type)
     trust = trust_remote_code or name in TRUSTED_REMOTE_CODE
     return hf.load_pretrained(source, name=name, device=device, dtype=dtype, trust_remote_code=trust)
+
+
+def add_loading_options(parser: argparse.ArgumentParser) -> None:
+    """The switches every command gives :func:`prepare`: ``--no-check`` and ``--trust-remote-code``."""
+    parser.add_argument("--no-check", action="store_true", help="読み込んだモデルの確認 (猫の写真) を省く")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="ローカルのモデルフォルダーに同梱された Python コードを実行する (中身を確かめてから)",
+    )
 
 
 def prepare(
