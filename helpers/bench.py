@@ -13,8 +13,15 @@ short warm-up. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out`
 Variants (keys): ``a`` one image at a time; ``b`` manual slicing into batches; ``c`` a DataLoader
 over the paths (decoding still in the main process); ``d`` a Dataset that decodes and preprocesses
 in worker processes; ``e`` d + ``inference_mode`` + fp16 autocast on CUDA + text features once
-(the engine's ``dataloader`` backend); ``dali`` the engine's ``dali`` backend, when
-``helpers.dali.iter_preprocessed`` exists and DALI imports.
+(the engine's ``dataloader`` backend with ``exact_decode``); ``g`` e with JPEGs decoded at the size
+the model needs, uint8 from the workers and the normalisation on the model's device (the engine's
+default); ``dali`` the engine's ``dali`` backend, when ``helpers.dali.iter_preprocessed`` exists and
+DALI imports, once per combination of ``--dali-hybrid-threshold`` and ``--dali-hw-decoder-load``
+(comma-separated lists: a GPU session sweeps them in one run).
+
+The same run measures the **ceiling** of the read path: processes (one per usable core) that only
+decode and apply the model's geometry, with full-size and with reduced-size JPEG decoding, no
+model; every variant is reported as a share of the reduced-size ceiling.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,11 +42,19 @@ import torch
 
 from helpers import engines, env
 from helpers.data import BUILD_DIR, ImageReadError, list_images, make_workload, open_image, sample_photos
-from helpers.models import ClipModel, ModelCheckError, ModelLoadError, add_loading_options, prepare
+from helpers.models import (
+    ClipModel,
+    ModelCheckError,
+    ModelLoadError,
+    PreprocessSpec,
+    add_loading_options,
+    prepare,
+    resize_with_spec,
+)
 from helpers.timing import ResultsTable, Timing, measure
 
 if TYPE_CHECKING:
-    from helpers.dali import Fallbacks
+    from helpers.dali import DecoderKnobs, Fallbacks
 
 FP32_TOLERANCE = 1e-3
 """Largest |Δ probability| allowed for float32 variants (batching changes summation order only)."""
@@ -80,7 +96,7 @@ class Setup:
     batch_size: int = 64
     num_workers: int = 2
     fallbacks: Fallbacks | None = None
-    """What the last DALI pass decoded with PIL instead, and why (set by :func:`engine_dali`)."""
+    """What the last DALI pass decoded with PIL instead, and why (set by the DALI variants)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,12 @@ class Report:
     machine: dict[str, object]
     settings: dict[str, object]
     outcomes: list[Outcome] = field(default_factory=list)
+    ceilings: list[Timing] = field(default_factory=list)
+    """Decode + geometry only (full-size, then reduced-size decoding): :func:`ceilings`."""
+
+    def share_of_ceiling(self, timing: Timing) -> float | None:
+        """``timing``'s images/s as a share of the reduced-size decode ceiling (None if not measured)."""
+        return timing.items_per_s / self.ceilings[-1].items_per_s if self.ceilings else None
 
     def table(self) -> ResultsTable:
         table = ResultsTable(title=f"バッチ推論の方式と速さ ({self.machine['label']})")
@@ -171,7 +193,11 @@ def workers(s: Setup) -> torch.Tensor:
 
 
 def _engine(
-    s: Setup, backend: str, fallbacks: Fallbacks | None = None, exact_decode: bool = True
+    s: Setup,
+    backend: str,
+    fallbacks: Fallbacks | None = None,
+    exact_decode: bool = True,
+    knobs: DecoderKnobs | None = None,
 ) -> torch.Tensor:
     texts = s.model.label_features(s.texts)  # once
     embeddings = []
@@ -185,6 +211,7 @@ def _engine(
         progress=False,
         fallbacks=fallbacks,
         exact_decode=exact_decode,
+        dali_knobs=knobs,
     ):
         bad = next((r for r in records if r.status != "ok"), None)
         if bad is not None:
@@ -205,17 +232,35 @@ def engine_sized(s: Setup) -> torch.Tensor:
     return _engine(s, "dataloader", exact_decode=False)
 
 
-def engine_dali(s: Setup) -> torch.Tensor:
-    """DALI decodes and preprocesses (on the GPU when there is one): the engine's DALI backend.
+def dali_variant(knobs: DecoderKnobs | None = None) -> Callable[[Setup], torch.Tensor]:
+    """The engine's DALI backend (on the GPU when there is one) with the decoder's ``knobs``.
     The files it hands to PIL are counted in ``s.fallbacks`` (fresh for every pass)."""
-    from helpers import dali
 
-    s.fallbacks = dali.Fallbacks()
-    return _engine(s, "dali", s.fallbacks)
+    def engine_dali(s: Setup) -> torch.Tensor:
+        from helpers import dali
+
+        s.fallbacks = dali.Fallbacks()
+        return _engine(s, "dali", s.fallbacks, knobs=knobs)
+
+    return engine_dali
 
 
-def variants(device: torch.device | str) -> list[Variant]:
-    """The variants that can run here, baseline first (DALI only when ``helpers.dali`` provides it)."""
+def _knob_grid(thresholds: str | None, loads: str | None) -> list[DecoderKnobs | None]:
+    """Every combination of the comma-separated ``--dali-hybrid-threshold`` and ``--dali-hw-decoder-load``."""
+    if not thresholds and not loads:
+        return [None]
+    from helpers.dali import HW_DECODER_LOAD, DecoderKnobs
+
+    hybrid = [int(float(t)) for t in thresholds.split(",")] if thresholds else [None]
+    load = [float(x) for x in loads.split(",")] if loads else [HW_DECODER_LOAD]
+    return [DecoderKnobs(hw_decoder_load=x, hybrid_huffman_threshold=t) for t in hybrid for x in load]
+
+
+def variants(
+    device: torch.device | str, dali_knobs: Sequence[DecoderKnobs | None] = (None,)
+) -> list[Variant]:
+    """The variants that can run here, baseline first (DALI only when ``helpers.dali`` provides it,
+    one row per entry of ``dali_knobs``)."""
     amp = AMP_TOLERANCE if engines.autocast_dtype(device) is not None else FP32_TOLERANCE
     chosen = [
         Variant("a", "a. 1 枚ずつ", per_image),
@@ -229,8 +274,51 @@ def variants(device: torch.device | str) -> list[Variant]:
     ]
     if env.dali_version() is not None and engines.dali_engine_available():
         where = "GPU" if torch.device(device).type == "cuda" else "CPU"
-        chosen.append(Variant("dali", f"DALI ({where} でデコード)", engine_dali, max(amp, DALI_TOLERANCE)))
+        for knobs in dali_knobs:
+            detail = ""
+            if knobs is not None:
+                threshold = knobs.hybrid_huffman_threshold
+                hybrid = "既定" if threshold is None else f"{threshold:,}"
+                detail = f", hybrid_huffman_threshold {hybrid}, hw_decoder_load {knobs.hw_decoder_load}"
+            name = f"DALI ({where} でデコード{detail})"
+            chosen.append(Variant("dali", name, dali_variant(knobs), max(amp, DALI_TOLERANCE)))
     return chosen
+
+
+# ---------------------------------------------------------------- the ceiling
+
+
+def _decode_only(paths: list[Path], spec: PreprocessSpec, at_size: bool) -> int:
+    """Decode and apply ``spec``'s geometry (uint8, no normalisation, no model): the least work.
+    Returns how many files it decoded (unreadable ones are skipped: the variants report them)."""
+    floor, done = (spec.decode_floor() if at_size else None), 0
+    for path in paths:
+        try:
+            resize_with_spec(open_image(path, at_least=floor), spec)
+            done += 1
+        except ImageReadError:
+            pass
+    return done
+
+
+def ceilings(paths: list[Path], spec: PreprocessSpec, processes: int, repeats: int) -> list[Timing]:
+    """Images/s of ``processes`` processes that only decode + resize, full-size then at reduced size.
+
+    What any read path on this CPU can reach at best: the engines add the copy between processes,
+    batching, the model and the output. The pool is started and warmed before the clock runs.
+    """
+    chunks = [paths[i::processes] for i in range(processes)]
+    out = []
+    with ProcessPoolExecutor(processes) as pool:
+        for at_size, label in ((False, "全体をデコード"), (True, "縮小デコード")):
+            list(pool.map(_decode_only, [c[:2] for c in chunks], [spec] * processes, [at_size] * processes))
+
+            def run(at_size: bool = at_size) -> int:
+                return sum(pool.map(_decode_only, chunks, [spec] * processes, [at_size] * processes))
+
+            name = f"上限: {processes} プロセスでデコード + リサイズのみ ({label})"
+            out.append(measure(run, name, n_items=len(paths), warmup=0, repeats=repeats))
+    return out
 
 
 # ---------------------------------------------------------------- running
@@ -312,12 +400,21 @@ def to_markdown(report: Report) -> str:
         "",
         report.table().to_markdown(),
         "",
-        "| 方式 | 基準との確率の差 (最大) | 許容 | 一致 |",
-        "|---|---:|---:|---|",
+    ]
+    for ceiling in report.ceilings:
+        lines.append(f"- {ceiling.name}: {ceiling.items_per_s:,.0f} 画像/秒 (ばらつき {ceiling.spread:.0%})")
+    lines += [
+        "",
+        "| 方式 | 基準との確率の差 (最大) | 許容 | 一致 | 上限 (縮小デコード) に対する割合 |",
+        "|---|---:|---:|---|---:|",
     ]
     for o in report.outcomes:
         mark = "OK" if o.correct else "NG"
-        lines.append(f"| {o.variant.name} | {o.max_diff:.1e} | {o.variant.tolerance:.0e} | {mark} |")
+        share = report.share_of_ceiling(o.timing)
+        shown = "—" if share is None else f"{share:.0%}"
+        lines.append(
+            f"| {o.variant.name} | {o.max_diff:.1e} | {o.variant.tolerance:.0e} | {mark} | {shown} |"
+        )
     for o in report.outcomes:
         if o.note:
             lines += ["", f"{o.variant.name} のデコード: {o.note}"]
@@ -357,8 +454,13 @@ def write(report: Report, out: Path) -> list[Path]:
                 "tolerance": o.variant.tolerance,
                 "correct": o.correct,
                 "decoders": o.note,
+                "share_of_ceiling": report.share_of_ceiling(o.timing),
             }
             for o, row in zip(report.outcomes, rows, strict=True)
+        ],
+        "ceilings": [
+            {"name": c.name, "images_per_s": c.items_per_s, "seconds": c.seconds, "runs": list(c.runs)}
+            for c in report.ceilings
         ],
         "article_t4_seconds_per_1000": ARTICLE_T4_SECONDS,
         "reference_h100_images_per_s": REFERENCE_H100_IMAGES_PER_S,
@@ -399,6 +501,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="縮小デコードの方式 (g) を測らない (classify と同じフラグ)",
     )
+    parser.add_argument(
+        "--dali-hybrid-threshold",
+        help="DALI の mixed デコーダーの hybrid_huffman_threshold (画素数)。"
+        "カンマ区切りで複数: 組み合わせごとに 1 行",
+    )
+    parser.add_argument(
+        "--dali-hw-decoder-load",
+        help="DALI の hw_decoder_load (0〜1、カンマ区切りで複数)。"
+        "T4 にはハードウェアデコーダーがない: 0 で T4 の見積もり",
+    )
+    parser.add_argument("--no-ceiling", action="store_true", help="デコードだけの上限を測らない")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="書き出し先フォルダー")
     return parser
 
@@ -426,7 +539,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = engines.default_num_workers() if args.workers is None else args.workers
     texts = [TEMPLATE.format(p.label_ja) for p in sample_photos()]
     setup = Setup(model, paths, texts, args.batch_size, workers)
-    chosen = variants(model.device)
+    knobs = _knob_grid(args.dali_hybrid_threshold, args.dali_hw_decoder_load)
+    if knobs != [None] and model.device.type != "cuda":
+        print(
+            "--dali-* は GPU の mixed デコーダーの設定です: GPU がないので",
+            "DALI は CPU デコードの 1 行だけです",
+        )
+        knobs = [None]
+    chosen = variants(model.device, knobs)
     if args.exact_decode:  # the path as it was: no reduced-size decoding anywhere
         chosen = [v for v in chosen if v.key != "g"]
     if args.variants:
@@ -448,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model_line = f"{model.name} ({model.fingerprint[:12]})"
     print(f"{report.machine['label']} / {model_line} / {len(paths)} 枚 / {engines.backend_notice()}")
+    if not args.no_ceiling:
+        report.ceilings = ceilings(paths, model.preprocess_spec, engines.usable_cpus(), repeats)
+        for ceiling in report.ceilings:
+            print(f"{ceiling.name}: {ceiling.items_per_s:.1f} 画像/秒", flush=True)
     try:
         report.outcomes = run_all(setup, chosen, repeats)
     except ImageReadError as err:

@@ -312,13 +312,14 @@ def run(args: argparse.Namespace) -> int:
         if mode == "w":
             writer.writeheader()
         with tqdm(total=len(todo), unit="枚", disable=args.no_progress or not todo, file=sys.stderr) as bar:
+            fallbacks = _dali_fallbacks() if backend == "dali" else None
             options = {
                 "backend": backend,
                 "batch_size": args.batch_size,
                 "num_workers": args.workers,
                 "exact_decode": args.exact_decode,
+                "fallbacks": fallbacks,
             }
-            fallbacks = _dali_fallbacks() if backend == "dali" and args.engine == "local" else None
             start = time.perf_counter()  # the first batch request: loading and check() are not counted
             if args.engine == "ray":
                 from helpers import engines_ray
@@ -333,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
                     **options,
                 )
             else:
-                batches = engines.iter_embeddings(model, todo, progress=False, fallbacks=fallbacks, **options)
+                batches = engines.iter_embeddings(model, todo, progress=False, **options)
             for records in batches:
                 for record in records:
                     writer.writerow(_row(relative[record.path], record, classifier, settings, model))

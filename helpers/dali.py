@@ -13,13 +13,16 @@ normalises them exactly the way the model's own processor does, and hands float3
 :func:`iter_preprocessed` is the robust form for folders of arbitrary files (used by
 ``helpers.engines``): every file gets its pixels or its own error, odd files go through PIL.
 
-Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is exact
-(the same integer sizes, crop offsets and letterbox offsets, computed per sample inside the
-pipeline from the decoded shape); DALI's CPU JPEG decoder gives the same pixels as PIL
-(libjpeg-turbo both); only the resize filters differ: measured on the sample photos, a mean
-absolute difference of 0.10-0.15 grey levels (of 255), fewer than 0.5 % of values off by more
-than 2 levels, at most 6-16 levels at sharp edges (more for stronger shrinking). The GPU decoder
-(nvJPEG) may differ from libjpeg-turbo by a few levels more (not measured here).
+Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is the
+spec's (:meth:`~helpers.models.PreprocessSpec.geometry`): :func:`iter_preprocessed` computes every
+resize size and crop offset on the host from the file's header and passes them per sample;
+:func:`build_pipeline` computes them in the graph from the decoded shape with integer arithmetic,
+the same except on 28 sizes of LINE's letterbox (see :func:`_graph_geometry`). DALI's CPU JPEG
+decoder gives the same pixels as PIL (libjpeg-turbo both); only the resize filters differ:
+measured on the sample photos, a mean absolute difference of 0.10-0.15 grey levels (of 255),
+fewer than 0.5 % of values off by more than 2 levels, at most 6-16 levels at sharp edges (more
+for stronger shrinking). The GPU decoder (nvJPEG) may differ from libjpeg-turbo by a few levels
+more (not measured here).
 
 DALI is optional: importing this module does not import DALI; the functions that need it raise
 :class:`DaliUnavailableError` with the fix. A machine without a GPU runs ``device="cpu"``
@@ -40,7 +43,8 @@ import torch
 from PIL import Image
 
 from helpers import data, env
-from helpers.models import PreprocessSpec, preprocess_with_spec
+from helpers.models import PreprocessSpec
+from helpers.reading import read_pixels
 
 if TYPE_CHECKING:
     from nvidia.dali.data_node import DataNode
@@ -52,6 +56,7 @@ __all__ = [
     "OUTPUT_MAP",
     "READER_NAME",
     "DaliUnavailableError",
+    "DecoderKnobs",
     "Device",
     "Fallbacks",
     "FileSource",
@@ -59,6 +64,7 @@ __all__ = [
     "build_pipeline",
     "decode_and_preprocess",
     "default_device",
+    "host_geometry",
     "iter_preprocessed",
     "preprocess_images",
     "route",
@@ -123,51 +129,90 @@ def _interp(spec: PreprocessSpec) -> Any:
     return types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
 
 
-def preprocess_images(images: DataNode, spec: PreprocessSpec) -> DataNode:
-    """Decoded HWC uint8 RGB ``images`` (CPU or GPU) → float32 CHW ``spec.size`` squares, like PIL.
+def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, Any, Any]:
+    """(width, height, crop_pos_x, crop_pos_y) computed in the graph from the decoded shape.
 
-    Call inside a pipeline definition. The resize sizes are computed per sample from the decoded
-    shape with integer arithmetic, so they equal :func:`helpers.models.preprocess_with_spec`'s;
-    the crop/letterbox window is centred with the same (floor) offsets (``rounding="truncate"``)
-    and the letterbox is filled with ``spec.pad_value`` (given to DALI in normalised units).
-    Mean and std are on the 0-1 scale in ``spec``; DALI works on 0-255, hence the ``* 255``.
-    Known gap: with ``resize_size < size`` on a "shorter" spec the crop may sit 1 pixel off.
+    Integer arithmetic: the shorter-side sizes and both crop roundings equal
+    :meth:`PreprocessSpec.geometry`; LINE's letterbox is rounded half to even on the exact ratio,
+    where LINE's processor rounds a float product: they differ on 28 of the 2 million size pairs
+    up to 2000 px (e.g. 105×192 → 123 against 122). :func:`iter_preprocessed` passes the host's
+    geometry instead, exact for every size.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
 
+    def as_int(flag: Any) -> Any:
+        return fn.cast(flag, dtype=types.INT32)
+
     shape = images.shape()  # [H, W, C] per sample, on the CPU even for GPU images
-    height, width = shape[0], shape[1]
-    target = spec.target
+    height, width, target, size = shape[0], shape[1], spec.target, spec.size
+    if spec.resize == "squash":
+        return size, size, 0.0, 0.0
     if spec.resize == "shorter":  # like int(target * long / short)
         short = dmath.min(height, width)
         new_w, new_h = (target * width) // short, (target * height) // short
-    elif spec.resize == "longer":  # like round(side * target / long), at least 1
+    elif spec.resize == "longer":  # like round(side * target / long), half to even, at least 1
         long = dmath.max(height, width)
-        new_w = dmath.max((2 * target * width + long) // (2 * long), 1)
-        new_h = dmath.max((2 * target * height + long) // (2 * long), 1)
-    elif spec.resize == "squash":
-        new_w = new_h = None
+
+        def rounded(side: Any) -> Any:
+            quotient = (target * side) // long
+            twice_rest = 2 * (target * side - quotient * long)
+            odd = (quotient - 2 * (quotient // 2)) == 1
+            up = (twice_rest > long) | ((twice_rest == long) & odd)
+            return dmath.max(quotient + as_int(up), 1)
+
+        new_w, new_h = rounded(width), rounded(height)
     else:
         raise ValueError(f"unknown resize rule {spec.resize!r}")
-    if new_w is None:
-        resized = fn.resize(
-            images, resize_x=spec.size, resize_y=spec.size, interp_type=_interp(spec), antialias=True
-        )
+
+    def as_float(value: Any) -> Any:
+        return fn.cast(value, dtype=types.FLOAT)
+
+    def position(new: Any) -> Any:
+        if spec.crop_rounding == "floor" or spec.resize == "longer":
+            return 0.5  # truncated (see preprocess_images): floor offsets, like // 2
+        spare = new - size  # >= 0: the shorter side is resized to the crop size or more
+        half = spare // 2 + as_int((spare - 4 * (spare // 4)) == 3)  # round(spare / 2), half to even
+        return as_float(half) / as_float(dmath.max(spare, 1))
+
+    return as_float(new_w), as_float(new_h), position(new_w), position(new_h)
+
+
+def preprocess_images(images: DataNode, spec: PreprocessSpec, geometry: DataNode | None = None) -> DataNode:
+    """Decoded HWC uint8 RGB ``images`` (CPU or GPU) → float32 CHW ``spec.size`` squares, like PIL.
+
+    Call inside a pipeline definition. ``geometry``: per sample float32 ``[width, height,
+    crop_pos_x, crop_pos_y]`` computed on the host with :meth:`PreprocessSpec.geometry`
+    (:func:`host_geometry`); without it the graph computes it from the decoded shape
+    (:func:`_graph_geometry`). The letterbox is filled with ``spec.pad_value`` (given to DALI in
+    normalised units). Mean and std are on the 0-1 scale in ``spec``; DALI works on 0-255, hence
+    the ``* 255``.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if geometry is not None:
+        new_w, new_h, pos_x, pos_y = geometry[0], geometry[1], geometry[2], geometry[3]
+        rounding = "round"  # the host's positions land on whole pixels: round away float error
     else:
-        resized = fn.resize(
-            images,
-            resize_x=fn.cast(new_w, dtype=types.FLOAT),
-            resize_y=fn.cast(new_h, dtype=types.FLOAT),
-            interp_type=_interp(spec),
-            antialias=True,  # PIL's resize filters also widen when shrinking
-        )
+        new_w, new_h, pos_x, pos_y = _graph_geometry(images, spec)
+        exact_positions = spec.crop_rounding == "half_even" and spec.resize == "shorter"
+        rounding = "round" if exact_positions else "truncate"  # 0.5 truncated: floor offsets, like // 2
+    resized = fn.resize(
+        images,
+        resize_x=new_w,
+        resize_y=new_h,
+        interp_type=_interp(spec),
+        antialias=True,  # PIL's resize filters also widen when shrinking
+    )
     fill = round(spec.pad_value * 255) / 255  # PIL pads with an 8-bit grey level
     return fn.crop_mirror_normalize(
         resized,
         crop=(spec.size, spec.size),
-        rounding="truncate",  # floor offsets, like PIL's (W - size) // 2
+        crop_pos_x=pos_x,
+        crop_pos_y=pos_y,
+        rounding=rounding,
         out_of_bounds_policy="pad",  # letterbox: the window is larger than the picture
         fill_values=[(fill - m) / s for m, s in zip(spec.mean, spec.std, strict=True)],
         mean=[m * 255 for m in spec.mean],
@@ -177,35 +222,55 @@ def preprocess_images(images: DataNode, spec: PreprocessSpec) -> DataNode:
     )
 
 
+def host_geometry(spec: PreprocessSpec, width: int, height: int) -> list[float]:
+    """``[width, height, crop_pos_x, crop_pos_y]`` for :func:`preprocess_images`: the spec's
+    :meth:`~PreprocessSpec.geometry` with the window's offset as DALI's normalised position
+    (``offset / (resized - size)``: DALI multiplies back and rounds)."""
+    where = spec.geometry(width, height)
+
+    def position(offset: int, new: int) -> float:
+        spare = new - spec.size
+        return offset / spare if spare else 0.0
+
+    return [where.width, where.height, position(where.left, where.width), position(where.top, where.height)]
+
+
 def decode_and_preprocess(
     encoded: DataNode,
     spec: PreprocessSpec,
     device: Device = "cpu",
     hw_decoder_load: float = HW_DECODER_LOAD,
     fancy_upsampling: bool = True,
+    geometry: DataNode | None = None,
+    hybrid_huffman_threshold: int | None = None,
 ) -> DataNode:
     """Encoded files → decoded RGB (``mixed`` on the GPU, else CPU) → :func:`preprocess_images`.
 
     EXIF orientation: recent DALI releases apply it in the decoder (``adjust_orientation``), older
     ones do not, so :func:`iter_preprocessed` sends EXIF-rotated files to PIL (see :func:`route`)
-    and the pipeline only ever sees upright files. ``fancy_upsampling`` makes nvJPEG upsample chroma the way
-    libjpeg-turbo (and so PIL) does; ``hw_decoder_load`` only matters on GPUs with a hardware
-    JPEG decoder (A100, H100; not T4).
+    and the pipeline only ever sees upright files. ``fancy_upsampling`` makes nvJPEG upsample
+    chroma the way libjpeg-turbo (and so PIL) does. The ``mixed`` decoder's two knobs:
+    ``hw_decoder_load``, the share of JPEGs for the hardware decoder of A100/H100/H200 (a T4 has
+    none; DALI's default 0.65); ``hybrid_huffman_threshold``, the picture size in pixels from which
+    nvJPEG decodes Huffman on the GPU: below it the **host** decodes Huffman and copies
+    coefficients (None: DALI's default, 1,000,000 px in DALI 2.x, so a 1260×750 photo is decoded
+    partly on the CPU). Both are DALI's defaults here: this course has measured neither on a GPU;
+    ``python -m helpers.bench --dali-hybrid-threshold ... --dali-hw-decoder-load ...`` sweeps them.
+    ``geometry``: see :func:`preprocess_images`.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
     if device == "gpu":
+        knobs: dict[str, Any] = {"hw_decoder_load": hw_decoder_load}
+        if hybrid_huffman_threshold is not None:
+            knobs["hybrid_huffman_threshold"] = int(hybrid_huffman_threshold)
         images = fn.decoders.image(
-            encoded,
-            device="mixed",
-            output_type=types.RGB,
-            hw_decoder_load=hw_decoder_load,
-            jpeg_fancy_upsampling=fancy_upsampling,
+            encoded, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=fancy_upsampling, **knobs
         )
     else:
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-    return preprocess_images(images, spec)
+    return preprocess_images(images, spec, geometry)
 
 
 def build_pipeline(
@@ -219,6 +284,7 @@ def build_pipeline(
     prefetch_queue_depth: int = 2,
     hw_decoder_load: float = HW_DECODER_LOAD,
     fancy_upsampling: bool = True,
+    hybrid_huffman_threshold: int | None = None,
     **pipeline_options: Any,
 ) -> Pipeline:
     """A DALI pipeline: ``fn.readers.file`` → decode → resize/crop/pad → normalise, outputs ``OUTPUT_MAP``.
@@ -266,7 +332,14 @@ def build_pipeline(
     )
     def clip_pipeline():
         encoded, file_labels = fn.readers.file(**reader_args)
-        pixels = decode_and_preprocess(encoded, spec, device, hw_decoder_load, fancy_upsampling)
+        pixels = decode_and_preprocess(
+            encoded,
+            spec,
+            device,
+            hw_decoder_load,
+            fancy_upsampling,
+            hybrid_huffman_threshold=hybrid_huffman_threshold,
+        )
         return pixels, file_labels
 
     return clip_pipeline()
@@ -323,6 +396,14 @@ class Fallbacks:
     dali: int = 0
     by_design: Counter = field(default_factory=Counter)
     after_error: Counter = field(default_factory=Counter)
+    pil_files: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """Position → ``("by_design" | "after_error", reason)`` of each file decoded with PIL."""
+
+    def add(self, other: Fallbacks) -> None:
+        """Add another counter's numbers to this one (the Ray driver sums its actors')."""
+        self.dali += other.dali
+        self.by_design.update(other.by_design)
+        self.after_error.update(other.after_error)
 
     @property
     def pil(self) -> int:
@@ -355,6 +436,11 @@ def route_reason(path: str | Path) -> str | None:
     16-bit, palette, alpha), turns EXIF-rotated photos upright, and reports unreadable files with its reason:
     empty, not an image, too large, truncated (no end marker in the last bytes).
     """
+    return _inspect(path)[0]
+
+
+def _inspect(path: str | Path) -> tuple[str | None, tuple[int, int]]:
+    """:func:`route_reason` and the picture's (width, height) from the header ((0, 0) if unreadable)."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -363,13 +449,13 @@ def route_reason(path: str | Path) -> str | None:
                 fmt, mode, (width, height) = image.format, image.mode, image.size
                 orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         if fmt not in DALI_FORMATS:
-            return f"{fmt} 形式"
+            return f"{fmt} 形式", (width, height)
         if mode not in DALI_MODES:
-            return f"{mode} モード"
+            return f"{mode} モード", (width, height)
         if width * height > data.MAX_PIXELS:
-            return "大きすぎる"
+            return "大きすぎる", (width, height)
         if orientation not in (None, 1):  # rotated by EXIF: DALI applies it only in some versions
-            return "EXIF 回転"
+            return "EXIF 回転", (width, height)
         bits = 8
         with open(path, "rb") as handle:
             if fmt == "PNG":
@@ -378,10 +464,11 @@ def route_reason(path: str | Path) -> str | None:
             handle.seek(max(0, path.stat().st_size - _TAIL_BYTES))
             tail = handle.read()
     except Exception:  # unreadable for PIL too: open_image will say why
-        return "読めない"
+        return "読めない", (0, 0)
     if bits != 8:
-        return f"{bits} ビット"
-    return None if (_JPEG_END if fmt == "JPEG" else _PNG_END) in tail else "末尾が欠けている"
+        return f"{bits} ビット", (width, height)
+    complete = (_JPEG_END if fmt == "JPEG" else _PNG_END) in tail
+    return (None if complete else "末尾が欠けている"), (width, height)
 
 
 def route(path: str | Path) -> Literal["dali", "pil"]:
@@ -404,21 +491,95 @@ def _first_line(err: BaseException) -> str:
     return re.sub(r"\s*File: \S+", "", reason)[:120]
 
 
-def _pil_row(path: Path, spec: PreprocessSpec) -> torch.Tensor:
-    image = data.open_image(path, max_pixels=data.MAX_PIXELS)
-    return preprocess_with_spec(image, spec)[0]
+@dataclass(frozen=True)
+class DecoderKnobs:
+    """The ``mixed`` decoder's knobs (see :func:`decode_and_preprocess`); ignored on the CPU."""
+
+    hw_decoder_load: float = HW_DECODER_LOAD
+    hybrid_huffman_threshold: int | None = None
+
+
+class _HostBatches:
+    """External-source iterator: batches of (file bytes, position [1], geometry [4]) read on the host."""
+
+    def __init__(
+        self, files: list[Path], positions: list[int], geometry: list[list[float]], batch: int
+    ) -> None:
+        self.files, self.positions, self.geometry, self.batch = files, positions, geometry, batch
+        self.next = 0
+
+    def __iter__(self) -> _HostBatches:
+        self.next = 0
+        return self
+
+    def __next__(self) -> tuple[list[Any], list[Any], list[Any]]:
+        import numpy as np
+
+        if self.next >= len(self.files):
+            raise StopIteration
+        part = range(self.next, min(self.next + self.batch, len(self.files)))
+        self.next = part.stop
+        return (
+            [np.fromfile(self.files[i], dtype=np.uint8) for i in part],
+            [np.array([self.positions[i]], dtype=np.int32) for i in part],
+            [np.array(self.geometry[i], dtype=np.float32) for i in part],
+        )
+
+
+def _host_pipeline(
+    files: list[Path],
+    positions: list[int],
+    sizes: list[tuple[int, int]],
+    spec: PreprocessSpec,
+    batch_size: int,
+    device: Device,
+    num_threads: int,
+    knobs: DecoderKnobs,
+) -> Pipeline:
+    """The engine's pipeline: bytes, positions and :func:`host_geometry` from the host, then
+    :func:`decode_and_preprocess` (every size and crop offset exactly the spec's)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    source = _HostBatches(files, positions, [host_geometry(spec, w, h) for w, h in sizes], batch_size)
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=torch.cuda.current_device() if device == "gpu" else None,
+        prefetch_queue_depth=2,
+        seed=0,
+    )
+    def engine_pipeline():
+        encoded, labels, geometry = fn.external_source(
+            source=source, num_outputs=3, dtype=[types.UINT8, types.INT32, types.FLOAT]
+        )
+        pixels = decode_and_preprocess(
+            encoded,
+            spec,
+            device,
+            knobs.hw_decoder_load,
+            geometry=geometry,
+            hybrid_huffman_threshold=knobs.hybrid_huffman_threshold,
+        )
+        return pixels, labels
+
+    return engine_pipeline()
 
 
 def _dali_rows(
     paths: Sequence[Path],
     positions: list[int],
+    sizes: list[tuple[int, int]],
     spec: PreprocessSpec,
     batch_size: int,
     device: Device,
     num_threads: int,
+    knobs: DecoderKnobs,
 ) -> Iterator[tuple[int, torch.Tensor | str]]:
     """(position, pixels [3, H, W]) for each of ``positions``, in order; DALI's error (first line)
-    instead of the pixels when DALI failed.
+    instead of the pixels when DALI failed. ``sizes[i]`` is ``paths[i]``'s (width, height).
 
     When a batch fails (a file DALI cannot decode after all, or CUDA/nvJPEG trouble), its files come
     back with the error (the caller decodes them with PIL, one by one, and counts them) and a fresh
@@ -431,17 +592,17 @@ def _dali_rows(
     while remaining:
         done = 0
         try:
-            pipe = build_pipeline(
+            pipe = _host_pipeline(
                 [paths[i] for i in remaining],
+                remaining,
+                [sizes[i] for i in remaining],
                 spec,
                 batch_size,
                 device,
-                labels=remaining,
-                num_threads=num_threads,
+                num_threads,
+                knobs,
             )
-            batches = DALIGenericIterator(
-                pipe, OUTPUT_MAP, reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL
-            )
+            batches = DALIGenericIterator(pipe, OUTPUT_MAP, last_batch_policy=LastBatchPolicy.PARTIAL)
             for batch in batches:
                 # a copy: the rows may outlive this pipeline (DALI's tensors are shared, not copied)
                 pixels, labels = batch[0]["pixels"].clone(), batch[0]["labels"].view(-1).tolist()
@@ -467,6 +628,7 @@ def iter_preprocessed(
     device: Device,
     num_threads: int = 2,
     fallbacks: Fallbacks | None = None,
+    knobs: DecoderKnobs | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
     """Preprocess ``paths`` with DALI in batches: yields ``(indices, pixels, errors)``.
 
@@ -481,15 +643,18 @@ def iter_preprocessed(
     ones go through PIL and :func:`helpers.models.preprocess_with_spec`. If DALI still fails on a
     batch, that batch is redone with PIL file by file, so one bad file never takes others down.
     ``fallbacks`` (a :class:`Fallbacks`), when given, counts which decoder did what and why.
+    Every size and crop offset is computed on the host from the header (:func:`host_geometry`), so
+    DALI's geometry is exactly the spec's (and PIL's); ``knobs`` set the GPU decoder's options.
     """
     _require(device)
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     paths = [Path(p) for p in paths]
     target = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
-    reasons = [route_reason(p) for p in paths]  # one header read per file: None = DALI
+    headers = [_inspect(p) for p in paths]  # one header read per file: (reason or None = DALI, size)
+    reasons, sizes = [reason for reason, _ in headers], [size for _, size in headers]
     on_dali = [i for i, reason in enumerate(reasons) if reason is None]
-    stream = _dali_rows(paths, on_dali, spec, batch_size, device, num_threads)
+    stream = _dali_rows(paths, on_dali, sizes, spec, batch_size, device, num_threads, knobs or DecoderKnobs())
     try:
         yield from _assemble(paths, reasons, stream, spec, batch_size, target, fallbacks or Fallbacks())
     finally:
@@ -521,15 +686,17 @@ def _assemble(
                 fallbacks.dali += 1
                 rows[i] = pixels
                 continue
-            try:
-                rows[i] = _pil_row(paths[i], spec).to(target)
-            except data.ImageReadError as err:
-                errors[i] = err.reason
+            row, error = read_pixels(paths[i], spec)  # the engines' one read path, exact decode
+            if row is None:
+                errors[i] = error
                 continue
+            rows[i] = row.to(target)
             if pixels is None:  # sent to PIL by the header check
                 fallbacks.by_design[reasons[i]] += 1
+                fallbacks.pil_files[i] = ("by_design", str(reasons[i]))
             else:  # DALI failed on its batch
                 fallbacks.after_error[pixels] += 1
+                fallbacks.pil_files[i] = ("after_error", pixels)
         indices = sorted(rows)
         batch = (
             torch.stack([rows[i] for i in indices])

@@ -35,6 +35,9 @@ class ImageReadError(Exception):
         self.reason = reason
         super().__init__(f"{self.path.name}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # picklable: it crosses process pools
+        return type(self), (self.path, self.reason)
+
 
 def is_image_file(path: str | Path) -> bool:
     """True when the file name ends in one of :data:`IMAGE_EXTENSIONS` (any case)."""

@@ -40,7 +40,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,12 +50,14 @@ import numpy as np
 import torch
 
 from helpers import REPO_ROOT
-from helpers.data import ImageReadError, open_image
-from helpers.engines import Record, dali_engine_available, encode_batch, resolve_backend
-from helpers.models import ClipModel, PreprocessSpec, prepare, preprocess_with_spec, resize_with_spec
+from helpers.engines import InputOrder, Record, Staging, dali_engine_available, encode_batch, resolve_backend
+from helpers.models import ClipModel, PreprocessSpec, prepare
+from helpers.reading import Preprocess, SizedDecode, open_any, read_pixels
 
 if TYPE_CHECKING:
     import ray.data
+
+    from helpers.dali import Fallbacks
 
 __all__ = [
     "Encoder",
@@ -300,28 +301,8 @@ def session(
 # ---------------------------------------------------------------- reading and preprocessing (CPU tasks)
 
 
-def read_image(path: str, at_least: tuple[int, str] | None = None):
-    """Open one image as RGB: a local path with :func:`~helpers.data.open_image`, a URI
-    (``s3://``, ``gs://``, ``file://``, ...) through ``pyarrow.fs``. Raises ``ImageReadError``.
-    ``at_least``: decode JPEGs at reduced size (see :func:`~helpers.data.open_image`)."""
-    if "://" not in path:
-        return open_image(path, at_least=at_least)
-    import pyarrow.fs
-
-    name = path.rsplit("/", 1)[-1]
-    try:
-        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-        with filesystem.open_input_file(inner) as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise ImageReadError(name, "ファイルが見つかりません (not found)") from None
-    except (OSError, ValueError) as err:
-        raise ImageReadError(name, f"読み取れません ({type(err).__name__}: {err})") from None
-    # open_image's checks and reasons apply to the bytes as to a local file.
-    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        return open_image(tmp.name, at_least=at_least)
+read_image = open_any
+"""Open a local path or a URI as RGB (:func:`helpers.reading.open_any`, under the name notebook 06 uses)."""
 
 
 def read_and_preprocess(
@@ -335,25 +316,15 @@ def read_and_preprocess(
     ``exact_decode`` normalised float32 from the full picture.
     """
     n = len(batch["index"])
-    dtype = np.float32 if exact_decode else np.uint8
-    at_least = None if exact_decode else spec.decode_floor()
-    pixels = np.zeros((n, 3, spec.size, spec.size), dtype=dtype)
+    preprocess: Preprocess = spec if exact_decode else SizedDecode(spec)
+    pixels = np.zeros((n, 3, spec.size, spec.size), dtype=np.float32 if exact_decode else np.uint8)
     ok = np.zeros(n, dtype=bool)
     errors = [""] * n
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for row, path in enumerate(batch["path"]):
-            try:
-                image = read_image(str(path), at_least)
-                prepared = (
-                    preprocess_with_spec(image, spec) if exact_decode else resize_with_spec(image, spec)
-                )
-                pixels[row] = prepared[0].numpy()
-                ok[row] = True
-            except ImageReadError as err:
-                errors[row] = err.reason
-            except Exception as err:  # a valid image the preprocessing cannot handle
-                errors[row] = f"前処理に失敗しました ({type(err).__name__}: {err})"
+    for row, path in enumerate(batch["path"]):
+        prepared, errors[row] = read_pixels(str(path), preprocess)  # the engines' one read path
+        if prepared is not None:
+            pixels[row] = prepared.numpy()
+            ok[row] = True
     return {"index": batch["index"], "ok": ok, "error": np.array(errors, dtype=object), "pixels": pixels}
 
 
@@ -388,6 +359,7 @@ class Encoder:
         self.dali = dali
         self.dali_threads = dali_threads
         self.pid = os.getpid()
+        self.staging = Staging()
         with torch.inference_mode():
             self.dim = int(self.model.encode_texts(["次元"]).shape[-1])
 
@@ -401,15 +373,25 @@ class Encoder:
         ok = np.zeros(n, dtype=bool)
         errors = [""] * n
         device = "gpu" if self.model.device.type == "cuda" else "cpu"
+        fallbacks = dali.Fallbacks()
         for indices, batch_pixels, bad in dali.iter_preprocessed(
-            paths, spec, batch_size=n, device=device, num_threads=self.dali_threads
+            paths, spec, batch_size=n, device=device, num_threads=self.dali_threads, fallbacks=fallbacks
         ):
             if len(indices):
                 pixels[list(indices)] = batch_pixels.float().cpu().numpy()
                 ok[list(indices)] = True
             for i, reason in bad.items():
                 errors[int(i)] = str(reason)
-        return {"index": batch["index"], "ok": ok, "error": np.array(errors, dtype=object), "pixels": pixels}
+        decoder = ["dali" if ok[i] else "" for i in range(n)]
+        for i, (kind, reason) in fallbacks.pil_files.items():
+            decoder[i] = f"{kind}:{reason}"
+        return {
+            "index": batch["index"],
+            "ok": ok,
+            "error": np.array(errors, dtype=object),
+            "pixels": pixels,
+            "decoder": np.array(decoder, dtype=object),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.dali:
@@ -419,11 +401,12 @@ class Encoder:
         embedding = np.zeros((n, self.dim), dtype=np.float32)
         if ok.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            embedding[ok] = encode_batch(self.model, pixels, self.amp).numpy()
+            embedding[ok] = encode_batch(self.model, pixels, self.amp, self.staging).numpy()
         return {
             "index": np.asarray(batch["index"], dtype=np.int64),
             "ok": ok,
             "error": batch["error"],
+            "decoder": batch.get("decoder", np.array([""] * n, dtype=object)),
             "embedding": embedding,
             "fingerprint": np.array([self.fingerprint] * n, dtype=object),
             "pid": np.full(n, self.pid, dtype=np.int64),
@@ -566,6 +549,15 @@ def check_fingerprints(fingerprints: Sequence[str], model: ClipModel) -> None:
         )
 
 
+def _count_decoder(fallbacks: Fallbacks, decoder: str) -> None:
+    """Count one row's ``decoder`` column (``"dali"``, ``"by_design:REASON"``, ``"after_error:REASON"``)."""
+    if decoder == "dali":
+        fallbacks.dali += 1
+    elif ":" in decoder:
+        kind, reason = decoder.split(":", 1)
+        (fallbacks.by_design if kind == "by_design" else fallbacks.after_error)[reason] += 1
+
+
 def iter_embeddings(
     model: ClipModel,
     paths: Sequence[str | Path],
@@ -583,6 +575,7 @@ def iter_embeddings(
     run_check: bool = True,
     trust_remote_code: bool = False,
     exact_decode: bool = False,
+    fallbacks: Fallbacks | None = None,
 ) -> Iterator[list[Record]]:
     """Embed every file of ``paths`` on Ray: lists of Records in input order, each index once.
 
@@ -594,7 +587,8 @@ def iter_embeddings(
     down at the end if this call started it. ``progress`` shows a bar of rows done. Every actor runs
     :func:`helpers.models.check` once after loading unless ``run_check`` is False; ``trust_remote_code``
     is passed to its :func:`helpers.models.load_clip`. The CPU tasks send uint8 pixels from a reduced-size
-    JPEG decode unless ``exact_decode`` (see :func:`read_and_preprocess`).
+    JPEG decode unless ``exact_decode`` (see :func:`read_and_preprocess`). With the DALI backend,
+    ``fallbacks`` (a :class:`helpers.dali.Fallbacks`) sums what the actors decoded with PIL, and why.
     """
     from tqdm.auto import tqdm
 
@@ -630,28 +624,30 @@ def iter_embeddings(
             exact_decode=exact_decode,
         )
         begin = time.perf_counter()
-        pending: dict[int, Record] = {}
-        next_index = 0
+        order = InputOrder(len(files), on_duplicate="count")
         with tqdm(total=len(files), unit="枚", desc="Ray", disable=not progress) as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 check_fingerprints(batch["fingerprint"], model)
-                for index, ok, error, embedding, pid in zip(
-                    batch["index"], batch["ok"], batch["error"], batch["embedding"], batch["pid"], strict=True
+                for index, ok, error, embedding, pid, decoder in zip(
+                    batch["index"],
+                    batch["ok"],
+                    batch["error"],
+                    batch["embedding"],
+                    batch["pid"],
+                    batch["decoder"],
+                    strict=True,
                 ):
-                    index = int(index)
-                    if index < next_index or index in pending:
-                        stats.duplicates += 1
-                        continue
-                    stats.pids[int(pid)] += 1
-                    path = Path(files[index])
+                    index, path, seen = int(index), Path(files[int(index)]), order.duplicates
                     if ok:
-                        pending[index] = Record(index, path, "ok", torch.from_numpy(np.array(embedding)))
+                        order.add(index, Record(index, path, "ok", torch.from_numpy(np.array(embedding))))
                     else:
-                        pending[index] = Record(index, path, "error", None, str(error) or "読めませんでした")
-                ready = []
-                while next_index in pending:
-                    ready.append(pending.pop(next_index))
-                    next_index += 1
+                        order.add(index, Record(index, path, "error", None, str(error) or "読めませんでした"))
+                    if order.duplicates == seen:  # counted once, the first time it arrives
+                        stats.pids[int(pid)] += 1
+                        if fallbacks is not None:
+                            _count_decoder(fallbacks, str(decoder))
+                stats.duplicates = order.duplicates
+                ready = order.ready()
                 if ready:
                     stats.rows += len(ready)
                     stats.ok += sum(r.status == "ok" for r in ready)
@@ -659,7 +655,7 @@ def iter_embeddings(
                     stats.seconds = time.perf_counter() - begin
                     bar.update(len(ready))
                     yield ready
-        if next_index != len(files):
-            raise RayEngineError(f"Ray から {len(files) - next_index} 件の結果が返りませんでした")
+        if order.next_index != len(files):
+            raise RayEngineError(f"Ray から {len(files) - order.next_index} 件の結果が返りませんでした")
     finally:
         ray_session.close()

@@ -29,6 +29,32 @@ def test_bench_writes_three_files_and_every_variant_agrees(tmp_path: Path, capsy
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "基準比" in printed and "bench.json" in printed
+    full, at_size = report["ceilings"]  # decode + geometry only, measured in the same run
+    assert "全体をデコード" in full["name"] and "縮小デコード" in at_size["name"]
+    assert full["images_per_s"] > 0 and at_size["images_per_s"] > 0
+    for row in report["results"]:
+        assert row["share_of_ceiling"] == pytest.approx(row["items_per_s"] / at_size["images_per_s"])
+    assert "上限 (縮小デコード) に対する割合" in markdown
+
+
+def test_dali_knobs_make_one_row_each_on_a_gpu_and_one_on_the_cpu(tmp_path: Path, capsys) -> None:
+    from helpers.dali import DecoderKnobs
+
+    grid = bench._knob_grid("0,1000000", "0,0.65")
+    assert grid == [
+        DecoderKnobs(0.0, 0),
+        DecoderKnobs(0.65, 0),
+        DecoderKnobs(0.0, 1_000_000),
+        DecoderKnobs(0.65, 1_000_000),
+    ]
+    assert bench._knob_grid(None, None) == [None]
+    names = [v.name for v in bench.variants("cuda", grid) if v.key == "dali"]
+    assert len(names) == 4 and "hybrid_huffman_threshold 1,000,000, hw_decoder_load 0.0" in names[2]
+    argv = ["--n", "4", "--model", "embedded", "--out", str(tmp_path), "--variants", "dali", "--no-ceiling"]
+    assert bench.main([*argv, "--dali-hybrid-threshold", "0,1000000"]) == 0
+    assert "GPU がないので DALI は CPU デコードの 1 行だけです" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert [row["key"] for row in report["results"]] == ["a", "dali"] and report["ceilings"] == []
 
 
 def test_arch_is_a_spelling_of_the_random_model(monkeypatch, tmp_path: Path) -> None:
@@ -50,8 +76,8 @@ def test_arch_is_a_spelling_of_the_random_model(monkeypatch, tmp_path: Path) -> 
 def test_a_variant_that_disagrees_fails_the_run(monkeypatch, tmp_path: Path) -> None:
     real = bench.variants
 
-    def with_a_wrong_one(device):
-        chosen = real(device)[:2]
+    def with_a_wrong_one(device, knobs=(None,)):
+        chosen = real(device, knobs)[:2]
         wrong = bench.Variant("x", "x. 間違い", lambda s: bench.per_image(s).roll(1, dims=1))
         return [*chosen, wrong]
 
@@ -78,7 +104,7 @@ def test_a_dali_row_that_pil_did_is_not_called_dali(monkeypatch, tmp_path: Path)
     def broken(*args, **kwargs):
         raise RuntimeError("Critical error in pipeline:\nencountered:\nnvJPEG error (test)")
 
-    monkeypatch.setattr(dali, "build_pipeline", broken)
+    monkeypatch.setattr(dali, "_host_pipeline", broken)
     code = bench.main(["--n", "4", "--model", "embedded", "--out", str(tmp_path), "--variants", "dali"])
     assert code == 0  # the answers are still right: PIL decoded them
     report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))

@@ -10,6 +10,7 @@ more than 2 levels. The asserts allow mean 0.5, max 24, 2 % above 2 levels.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -245,7 +246,8 @@ def test_exif_rotation_matches_pil(odd_folder: dict[str, Path]) -> None:
 def test_a_batch_dali_cannot_decode_is_redone_file_by_file(
     odd_folder: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dali, "route_reason", lambda path: None)  # bad files reach DALI and fail their batch
+    # every header passes: the bad files reach DALI and fail their batch
+    monkeypatch.setattr(dali, "_inspect", lambda path: (None, (64, 64)))
     names = ["good0.jpg", "text.jpg", "good1.jpg", "zero.jpg", "good2.jpg", "gray.jpg"]
     fallbacks = dali.Fallbacks()
     results = list(
@@ -266,3 +268,77 @@ def test_empty_list_and_bad_arguments() -> None:
         list(dali.iter_preprocessed([], SMALL, 0, "cpu"))
     with pytest.raises(ValueError):
         list(dali.iter_preprocessed([], SMALL, 4, "cuda"))  # type: ignore[arg-type]
+
+
+# Sizes where the rounding rules part: 640×427 (torchvision's crop offset 56, HF's 55), 256×124
+# (LINE's 108.5 → 108, half-up 109), 105×192 and 45×320 (LINE's float product rounds away from the
+# exact ratio), 1-pixel and 2000-pixel sides, exact squares.
+GEOMETRY_SIZES = [
+    (640, 427), (427, 640), (256, 124), (124, 256), (105, 192), (192, 105), (45, 320), (320, 45),
+    (224, 224), (225, 224), (227, 224), (223, 500), (1, 1), (3, 700), (700, 3), (2000, 1999),
+    (333, 777), (1260, 750), (500, 381), (100, 100),
+]  # fmt: skip
+GEOMETRY_SPECS = {
+    "hf": PreprocessSpec(224, "shorter", "bicubic", CLIP_MEAN, CLIP_STD),
+    "rinna": PreprocessSpec(224, "shorter", "bilinear", CLIP_MEAN, CLIP_STD, crop_rounding="half_even"),
+    "line": PreprocessSpec(224, "longer", "bicubic", LINE_MEAN, LINE_MEAN),
+}
+SHIFT_TOL = 3.0  # mean |Δ| in grey levels on noise: filters differ by ~1.5, a 1-pixel shift by > 20
+
+
+@pytest.fixture(scope="module")
+def noise_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Lossless noise pictures of :data:`GEOMETRY_SIZES`: any 1-pixel shift shows."""
+    folder, rng = tmp_path_factory.mktemp("sizes"), np.random.default_rng(0)
+    files = []
+    for width, height in GEOMETRY_SIZES:
+        path = folder / f"{width}x{height}.png"
+        Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(path)
+        files.append(path)
+    return files
+
+
+def _mean_levels(got: torch.Tensor, want: torch.Tensor, spec: PreprocessSpec) -> list[float]:
+    return _levels(got - want, spec).mean(dim=(1, 2, 3)).tolist()
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRY_SPECS))
+def test_engine_geometry_is_the_spec_at_every_tricky_size(name: str, noise_files: list[Path]) -> None:
+    """iter_preprocessed passes the host's sizes and offsets: PIL's within the filters' difference."""
+    spec = GEOMETRY_SPECS[name]
+    reference = preprocess_with_spec([data.open_image(p) for p in noise_files], spec)
+    rows: dict[int, torch.Tensor] = {}
+    for indices, pixels, errors in dali.iter_preprocessed(noise_files, spec, batch_size=8, device="cpu"):
+        assert errors == {}
+        rows.update(zip(indices, pixels, strict=True))
+    got = torch.stack([rows[i] for i in range(len(noise_files))])
+    far = {
+        size: round(d, 2)
+        for size, d in zip(GEOMETRY_SIZES, _mean_levels(got, reference, spec), strict=True)
+        if d > SHIFT_TOL
+    }
+    assert far == {}, f"{name}: sizes off the spec: {far}"
+
+
+def test_a_one_pixel_crop_shift_would_show(noise_files: list[Path]) -> None:
+    """The tolerance above bites: HF's floor offset against rinna's rounded one on 640×427."""
+    index = GEOMETRY_SIZES.index((640, 427))
+    image = data.open_image(noise_files[index])
+    floor = preprocess_with_spec(image, dataclasses.replace(GEOMETRY_SPECS["rinna"], crop_rounding="floor"))
+    rounded = preprocess_with_spec(image, GEOMETRY_SPECS["rinna"])
+    assert _mean_levels(floor, rounded, GEOMETRY_SPECS["rinna"])[0] > 5 * SHIFT_TOL
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRY_SPECS))
+def test_graph_geometry_differs_only_where_documented(name: str, noise_files: list[Path]) -> None:
+    """build_pipeline computes sizes in the graph: exact, but for LINE's float-rounding sizes."""
+    spec = GEOMETRY_SPECS[name]
+    pixels, labels = _run_all(dali.build_pipeline(noise_files, spec, batch_size=8, device="cpu"))
+    assert labels.view(-1).tolist() == list(range(len(noise_files)))
+    reference = preprocess_with_spec([data.open_image(p) for p in noise_files], spec)
+    far = {
+        size
+        for size, d in zip(GEOMETRY_SIZES, _mean_levels(pixels, reference, spec), strict=True)
+        if d > SHIFT_TOL
+    }
+    assert far == ({(105, 192), (192, 105), (45, 320), (320, 45)} if name == "line" else set())

@@ -119,6 +119,30 @@ def test_worker_preprocess_matches_the_model(model) -> None:
     assert torch.equal(preprocess_with_spec(image, spec), tiny_random.preprocess([image]))
 
 
+# ---------------------------------------------------------------- input order
+
+
+def test_input_order_releases_in_order_and_refuses_or_counts_repeats() -> None:
+    order = engines.InputOrder(4)
+    order.add(2, "c")
+    assert order.ready() == [] and order.pending == {2: "c"}  # holds only what came early
+    order.add(0, "a")
+    assert order.ready() == ["a"]
+    order.add(1, "b")
+    assert order.ready() == ["b", "c"]
+    with pytest.raises(RuntimeError, match="index 1 twice"):
+        order.add(1, "again")
+    with pytest.raises(RuntimeError, match=r"outside 0\.\.3"):
+        order.add(4, "e")
+    with pytest.raises(RuntimeError, match="never returned 1 file"):
+        order.finish()
+    ray_like = engines.InputOrder(2, on_duplicate="count")  # a task Ray ran again after a crash
+    for index in (1, 1, 0, 0):
+        ray_like.add(index, index)
+    assert ray_like.ready() == [0, 1] and ray_like.duplicates == 2
+    ray_like.finish()
+
+
 # ---------------------------------------------------------------- the DALI backend, faked
 
 
@@ -128,9 +152,15 @@ def _fake_dali(monkeypatch: pytest.MonkeyPatch, iter_preprocessed=None) -> list[
     module = types.ModuleType("helpers.dali")
     if iter_preprocessed is not None:
 
-        def recording(paths, spec, batch_size, device, num_threads, fallbacks=None):
+        def recording(paths, spec, batch_size, device, num_threads, fallbacks=None, knobs=None):
             calls.append(
-                {"n": len(paths), "batch_size": batch_size, "device": device, "threads": num_threads}
+                {
+                    "n": len(paths),
+                    "batch_size": batch_size,
+                    "device": device,
+                    "threads": num_threads,
+                    "knobs": knobs,
+                }
             )
             yield from iter_preprocessed(paths, spec, batch_size)
 
@@ -158,7 +188,7 @@ def _pil_batches(paths, spec, batch_size, order=lambda chunks: chunks):
 def test_dali_backend_uses_iter_preprocessed(model, files, monkeypatch) -> None:
     calls = _fake_dali(monkeypatch, lambda p, s, b: _pil_batches(p, s, b, order=lambda c: c[::-1]))
     records = _flatten(engines.iter_embeddings(model, files, "dali", 4, 3, progress=False))
-    assert calls == [{"n": len(files), "batch_size": 4, "device": "cpu", "threads": 3}]
+    assert calls == [{"n": len(files), "batch_size": 4, "device": "cpu", "threads": 3, "knobs": None}]
     assert [r.index for r in records] == list(range(len(files)))  # reordered although yielded backwards
     for record in records:
         if record.path.name in BAD:

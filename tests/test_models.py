@@ -18,6 +18,7 @@ The RoPE repair is also tested against real timm when timm imports (Colab, the G
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -686,13 +687,18 @@ def test_rinna_adapter_with_fake_package(fake_rinna, name, scale, source):
 
     assert [name] == japanese_clip.LOADED
     assert (model.backend, model.kind) == ("rinna", "real")
-    assert model.preprocess_spec == PreprocessSpec(32, "shorter", "bilinear", CLIP_MEAN, CLIP_STD)
+    spec = PreprocessSpec(32, "shorter", "bilinear", CLIP_MEAN, CLIP_STD, crop_rounding="half_even")
+    assert model.preprocess_spec == spec  # torchvision's CenterCrop rounds the offset
     assert model.logit_scale == pytest.approx(scale, rel=1e-5) and source in model.logit_scale_source
     assert set(model.tokenize(["猫"])) == {"input_ids", "attention_mask", "position_ids"}
     _assert_contract(model, 32)
-    images = [_picture(), _picture(40, 90, 1)]
+    images = [_picture(), _picture(40, 90, 1), _picture(35, 32, 2)]  # 35×32: 3 spare columns, offset 2
     assert torch.allclose(
         model.preprocess(images), preprocess_with_spec(images, model.preprocess_spec), atol=1e-5
+    )
+    floor = dataclasses.replace(spec, crop_rounding="floor")  # HF's offset (1) would not do
+    assert not torch.allclose(
+        model.preprocess(images[2:]), preprocess_with_spec(images[2:], floor), atol=1e-2
     )
 
 

@@ -117,6 +117,10 @@ class PreprocessSpec:
     in normalised units that is ``(pad_value - mean) / std`` per channel."""
     resize_size: int | None = None
     """Side length the resize aims at; None means ``size`` (true for every model here)."""
+    crop_rounding: Literal["floor", "half_even"] = "floor"
+    """How the centre crop's offset ``(resized - size) / 2`` becomes an integer: ``"floor"`` as HF
+    image processors do, ``"half_even"`` as torchvision's ``CenterCrop`` does (Python's ``round``:
+    rinna's transform). They differ by 1 pixel when ``resized - size`` is 3 modulo 4 (640×427 → 335×224)."""
 
     @property
     def target(self) -> int:
@@ -130,47 +134,72 @@ class PreprocessSpec:
         side: DecodeSide = "both" if self.resize == "squash" else self.resize
         return int(np.ceil(margin * self.target)), side
 
+    def geometry(self, width: int, height: int) -> Geometry:
+        """Where a ``width`` x ``height`` picture goes: the one reference for PIL and DALI alike.
+
+        The formulas are the processors' own: shorter side to the target with the longer one
+        ``int(target * long / short)`` (HF and torchvision); LINE's letterbox
+        ``round(side * (target / float(longer)))``, at least 1; the crop offset by
+        :attr:`crop_rounding`; a window larger than the picture pads, the picture placed at
+        ``(size - side) // 2``.
+        """
+        if width < 1 or height < 1:
+            raise ValueError(f"no pixels: {width}×{height}")
+        size, target = self.size, self.target
+        if self.resize == "squash":
+            return Geometry(size, size, 0, 0)
+        if self.resize == "shorter":
+            if width <= height:
+                new_w, new_h = target, max(1, int(target * height / width))
+            else:
+                new_w, new_h = max(1, int(target * width / height)), target
+        elif self.resize == "longer":
+            scale = target / float(max(width, height))
+            new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        else:
+            raise ValueError(f"unknown resize rule {self.resize!r}")
+        return Geometry(new_w, new_h, self._offset(new_w - size), self._offset(new_h - size))
+
+    def _offset(self, spare: int) -> int:
+        """The window's start in the resized picture: ``spare`` pixels to share, negative = pad."""
+        if spare < 0:
+            return -((-spare) // 2)
+        return round(spare / 2) if self.crop_rounding == "half_even" else spare // 2
+
     def as_dict(self) -> dict[str, Any]:
         """The spec as a JSON-friendly dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One picture's resize and crop under a :class:`PreprocessSpec` (:meth:`PreprocessSpec.geometry`)."""
+
+    width: int
+    """Width after the resize."""
+    height: int
+    """Height after the resize."""
+    left: int
+    """Left edge of the ``size`` x ``size`` window in the resized picture (negative: padding)."""
+    top: int
+    """Top edge of the window (negative: padding)."""
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def _resize_one(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """One RGB picture resized, cropped or padded to ``spec.size`` square."""
+    """One RGB picture resized, cropped or padded to ``spec.size`` (:meth:`PreprocessSpec.geometry`)."""
     if image.mode != "RGB":  # converting an RGB picture would only copy it
         image = image.convert("RGB")
-    width, height = image.size
-    target, resample = spec.target, _RESAMPLE[spec.interpolation]
-    if spec.resize == "squash":
-        return image.resize((spec.size, spec.size), resample)
-    if spec.resize == "shorter":
-        if width <= height:
-            new = (target, max(1, int(target * height / width)))
-        else:
-            new = (max(1, int(target * width / height)), target)
-        image = image.resize(new, resample)
-        left, top = (new[0] - spec.size) // 2, (new[1] - spec.size) // 2
-        if left < 0 or top < 0:  # resize_size < size: pad like a centre crop of a small picture
-            return _pad_center(image, spec)
-        return image.crop((left, top, left + spec.size, top + spec.size))
-    if spec.resize == "longer":
-        scale = target / max(width, height)
-        new = (max(1, round(width * scale)), max(1, round(height * scale)))
-        if new != (width, height):
-            image = image.resize(new, resample)
-        return _pad_center(image, spec)
-    raise ValueError(f"unknown resize rule {spec.resize!r}")
-
-
-def _pad_center(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """``image`` centred on a ``spec.size`` square filled with ``spec.pad_value`` (left/top get the floor)."""
-    fill = round(spec.pad_value * 255)
+    where = spec.geometry(*image.size)
+    if (where.width, where.height) != image.size or spec.resize != "longer":
+        image = image.resize((where.width, where.height), _RESAMPLE[spec.interpolation])
+    if where.left >= 0 and where.top >= 0:
+        return image.crop((where.left, where.top, where.left + spec.size, where.top + spec.size))
+    fill = round(spec.pad_value * 255)  # a letterbox (or a picture smaller than the crop): pad
     canvas = Image.new("RGB", (spec.size, spec.size), (fill, fill, fill))
-    width, height = image.size
-    canvas.paste(image, ((spec.size - width) // 2, (spec.size - height) // 2))
+    canvas.paste(image, (-where.left, -where.top))
     return canvas
 
 
@@ -186,11 +215,14 @@ def resize_with_spec(images: Image.Image | Sequence[Image.Image], spec: Preproce
     return torch.from_numpy(arrays).permute(0, 3, 1, 2)
 
 
-def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 [B, 3, H, W] → float32 ``(x / 255 - mean) / std``, on the device ``pixels`` are on."""
+def normalize(pixels: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, 3, H, W] → float32 ``(x / 255 - mean) / std``, on the device ``pixels`` are on.
+
+    ``out``: a contiguous float32 tensor of the same shape to write into (the same numbers)."""
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    return pixels.float().div_(255.0).sub_(mean).div_(std).contiguous()
+    floats = pixels.float() if out is None else out.copy_(pixels)
+    return floats.div_(255.0).sub_(mean).div_(std).contiguous()
 
 
 def preprocess_with_spec(images: Image.Image | Sequence[Image.Image], spec: PreprocessSpec) -> torch.Tensor:

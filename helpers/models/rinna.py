@@ -104,7 +104,15 @@ def load_rinna(name: str, device: torch.device, dtype: torch.dtype) -> RinnaClip
         backend="rinna",
         kind="real",
         module=module,
-        preprocess_spec=PreprocessSpec(size, "shorter", "bilinear", CLIP_MEAN, CLIP_STD),
+        preprocess_spec=PreprocessSpec(
+            # torchvision's CenterCrop rounds the crop offset
+            size,
+            "shorter",
+            "bilinear",
+            CLIP_MEAN,
+            CLIP_STD,
+            crop_rounding="half_even",
+        ),
         scoring=scoring,
         device=device,
         dtype=dtype,

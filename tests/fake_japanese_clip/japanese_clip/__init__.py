@@ -91,11 +91,14 @@ def available_models():
 
 
 def _transform(image: Image.Image) -> torch.Tensor:
-    """Shorter side to IMAGE_SIZE (bilinear), centre crop, CLIP mean/std (rinna's recipe, in PIL)."""
+    """Shorter side to IMAGE_SIZE (bilinear), centre crop, CLIP mean/std: rinna's torchvision recipe
+    (``Resize(size)``, ``CenterCrop(size)``) written in PIL with torchvision's size and offset formulas."""
     w, h = image.size
-    scale = IMAGE_SIZE / min(w, h)
-    image = image.resize((max(IMAGE_SIZE, int(w * scale)), max(IMAGE_SIZE, int(h * scale))), Image.BILINEAR)
-    left, top = (image.size[0] - IMAGE_SIZE) // 2, (image.size[1] - IMAGE_SIZE) // 2
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = IMAGE_SIZE, int(IMAGE_SIZE * long / short)  # torchvision's resized size
+    image = image.resize((new_short, new_long) if w <= h else (new_long, new_short), Image.BILINEAR)
+    left = round((image.size[0] - IMAGE_SIZE) / 2.0)  # torchvision's CenterCrop offsets
+    top = round((image.size[1] - IMAGE_SIZE) / 2.0)
     image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE)).convert("RGB")
     array = (np.asarray(image, dtype=np.float32) / 255.0 - MEAN) / STD
     return torch.from_numpy(array).permute(2, 0, 1)
