@@ -8,6 +8,7 @@ the command-line test starts its own, in a subprocess, and checks that nothing o
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -221,18 +222,26 @@ def test_an_actor_that_dies_once_is_restarted_and_every_file_comes_once(
 
 
 def test_dali_inside_the_actor_matches_the_local_dali_backend(
-    folder: Path, tmp_path: Path, ray_session
+    folder: Path, tmp_path: Path, ray_session, capsys
 ) -> None:
     """``--engine ray --backend dali``: no CPU tasks, DALI decodes inside the actor (CPU pipelines
-    here, GPU ones where the actor has a GPU), with the same rows as the local DALI backend."""
-    dali = pytest.importorskip("helpers.dali", reason="helpers.dali (DALI) is not available")
-    if not hasattr(dali, "iter_preprocessed"):
-        pytest.skip("helpers.dali has no iter_preprocessed")
+    here, GPU ones where the actor has a GPU), with the same rows as the local DALI backend, and
+    the same count of files the actors handed to PIL (no silent fallback on Ray either)."""
     local, ray_out = tmp_path / "local.csv", tmp_path / "ray.csv"
     assert _classify(folder, local, "--backend", "dali", "--workers", "0") == 2
+    local_summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert _classify(folder, ray_out, "--backend", "dali", "--engine", "ray") == 2
+    ray_summary = capsys.readouterr().out.strip().splitlines()[-1]
     _check_rows(_rows(ray_out))
     _assert_same_rows(_rows(ray_out), _rows(local))
+
+    def fallbacks(summary: str) -> tuple[int, int]:
+        found = re.search(r"(\d+) to PIL by header, (\d+) to PIL after DALI errors$", summary)
+        assert found, summary
+        return int(found[1]), int(found[2])
+
+    assert fallbacks(local_summary)[0] > 0  # the odd files of the folder: CMYK, 16-bit, EXIF...
+    assert fallbacks(ray_summary) == fallbacks(local_summary)
 
 
 # ---------------------------------------------------------------- pieces, without Ray
