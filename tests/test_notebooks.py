@@ -51,6 +51,57 @@ def test_notebook_skeleton(path: Path) -> None:
         assert cell.cell_type == "code" and cell.metadata["jupyter"]["source_hidden"] is True
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_plotting_cells_are_marked_as_scaffolding(path: Path) -> None:
+    assert nbtool.scaffold_problems(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_banned_spelling_variants(path: Path) -> None:
+    assert nbtool.style_problems(path) == []
+
+
+LENGTH_CHECKED = [p for p in NOTEBOOKS if p.name[:2] in {"00", "01", "02", "03"}]
+"""Notebooks held to STYLE.md's cell lengths (04-06 follow with their own issues)."""
+
+
+@pytest.mark.parametrize("path", LENGTH_CHECKED, ids=lambda p: p.name)
+def test_cells_are_short(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    long = []
+    for i, cell in enumerate(nb.cells):
+        tags = cell.metadata.get("tags", [])
+        if cell.cell_type != "code" or nbtool.SETUP_TAG in tags or "solution" in tags:
+            continue
+        limit = 40 if cell.source.startswith(nbtool.SCAFFOLD_MARK) else 30
+        if len(cell.source.splitlines()) > limit:
+            long.append((i, len(cell.source.splitlines()), limit))
+    assert long == [], f"(cell, lines, limit): {long}"
+
+
+def test_style_file_prescribes_every_preferred_form_and_the_rules() -> None:
+    style = (REPO_ROOT / "notebooks" / "STYLE.md").read_text(encoding="utf-8")
+    for preferred in nbtool.BANNED_TERMS.values():
+        if not preferred.startswith("("):
+            assert preferred in style, preferred
+    assert nbtool.SCAFFOLD_MARK in style and "NBVAL_CHECK_OUTPUT" in style and "helpers.verdict" in style
+
+
+def test_checks_catch_an_unmarked_plot_a_variant_and_a_plain_setup_cell(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("fig = plots.throughput_bar(table)"),
+        nbformat.v4.new_markdown_cell("GPU のメモリーを使います"),
+        nbformat.v4.new_code_cell(nbtool.SCAFFOLD_MARK + " — グラフ\nplt.show()"),
+    ]
+    path = tmp_path / "99_x.ipynb"
+    nbformat.write(nb, path)
+    assert [p.split(": ")[1][:6] for p in nbtool.scaffold_problems(path)] == ["cell 0"]
+    assert nbtool.style_problems(path) == ["99_x.ipynb: cell 1 writes 'メモリー'; use 'メモリ' (STYLE.md)"]
+    setup = nbtool.render_setup([], "me/course", "v1")
+    assert setup.startswith("#@title ")  # Colab shows this line and hides the code (cellView: form)
+
+
 def test_setup_template_renders_extras_and_pins() -> None:
     plain = nbtool.render_setup([], "me/course", "v1")
     assert '"matplotlib_fontja": "matplotlib-fontja==' in plain

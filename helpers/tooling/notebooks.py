@@ -33,6 +33,7 @@ EXTRAS: dict[str, dict[str, str]] = {
 """Per-notebook extras (``metadata.course.extras``): import name → distribution name."""
 
 SETUP_TEMPLATE = """\
+#@title セットアップ (実行するだけで大丈夫です。中身はダブルクリックで表示)
 # 環境のセットアップ: Colab ではこの講座のリポジトリを取得し、Colab にないパッケージだけを入れます。
 # Colab 以外では何も表示せず、helpers を import できるようにするだけです。
 # (このセルは `python -m helpers.tooling.notebooks sync` が生成します。直接編集しないでください。)
@@ -158,6 +159,10 @@ def sync_notebook(path: Path) -> bool:
     elif nb.cells[j].source != setup:
         nb.cells[j].source = setup
         changed = True
+    j = _tagged(nb, SETUP_TAG)
+    if nb.cells[j].metadata.get("cellView") != "form":  # Colab shows the #@title line only
+        nb.cells[j].metadata["cellView"] = "form"
+        changed = True
     if changed:
         nbformat.write(nb, path)
     return changed
@@ -175,6 +180,60 @@ def check_notebook(path: Path) -> list[str]:
     first_code = next((k for k, c in enumerate(nb.cells) if c.cell_type == "code"), None)
     if j is None or j != first_code or nb.cells[j].source != setup:
         problems.append(f"{path.name}: the first code cell is not the set-up cell from the template")
+    elif nb.cells[j].metadata.get("cellView") != "form":
+        problems.append(f"{path.name}: the set-up cell is not a Colab form (metadata cellView: form)")
+    return problems
+
+
+SCAFFOLD_MARK = "# 補助コード"
+"""First line of a cell that only times, plots or plumbs (``# 補助コード — グラフ``): skim, do not type."""
+
+PLOTTING = re.compile(r"\b(plt|plots)\.|\.savefig\(|\bfig\b")
+"""Code that draws: a cell containing it is scaffolding and must carry :data:`SCAFFOLD_MARK`."""
+
+
+def scaffold_problems(path: Path) -> list[str]:
+    """Plotting cells that do not start with :data:`SCAFFOLD_MARK` (the set-up cell and hidden
+    solutions are exempt)."""
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.cell_type != "code" or SETUP_TAG in tags or "solution" in tags:
+            continue
+        if PLOTTING.search(cell.source) and not cell.source.startswith(SCAFFOLD_MARK):
+            problems.append(f"{path.name}: cell {i} draws a plot but does not start with {SCAFFOLD_MARK!r}")
+    return problems
+
+
+BANNED_TERMS: dict[str, str] = {
+    "メモリー": "メモリ",
+    "バッファ(?!ー)": "バッファー",
+    "フォルダ(?!ー)": "フォルダー",
+    "パラメータ(?!ー)": "パラメーター",
+    "デコーダ(?!ー)": "デコーダー",
+    "エンコーダ(?!ー)": "エンコーダー",
+    "ヘッダ(?!ー)": "ヘッダー",
+    "サーバ(?!ー)": "サーバー",
+    "ユーザ(?!ー)": "ユーザー",
+    "コンピュータ(?!ー)": "コンピューター",
+    "プロセッサ(?!ー)": "プロセッサー",
+    "ライブラリー": "ライブラリ",
+    "キャッシュを甘やかす": "(言い換える: 何が起きるかを書く)",
+}
+"""Spelling variants the course does not use (regex → the form notebooks/STYLE.md prescribes)."""
+
+
+def style_problems(path: Path) -> list[str]:
+    """Banned spelling variants (:data:`BANNED_TERMS`) anywhere in ``path``'s cells."""
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        for pattern, preferred in BANNED_TERMS.items():
+            found = re.search(pattern, cell.source)
+            if found:
+                word = found.group(0)
+                problems.append(f"{path.name}: cell {i} writes {word!r}; use {preferred!r} (STYLE.md)")
     return problems
 
 

@@ -1,0 +1,101 @@
+"""Conclusions computed from this run's numbers, never asserted: the verdicts the notebooks print.
+
+A notebook that interprets a measurement prints one of these lines and its prose cites it::
+
+    print(verdict.compare(t_e, t_g))      # "g は e の 2.4 倍速い (揺れ ±6 % を超える差)"
+    print(verdict.largest_stage(stages))  # "いちばん長い段階は「デコード」: 全体の 61 %"
+
+Two timings differ only when the ranges of their runs do not overlap **and** the ratio of their
+medians is further from 1 than the larger relative spread (half of (max - min) / median): on a
+noisy 2-core machine a 10 % difference with ±15 % spread is "揺れの範囲内". A timing with a single
+run has no spread: the verdict says so and only calls a difference of :data:`SINGLE_RUN_FACTOR`
+or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from helpers.timing import Timing
+
+__all__ = ["SINGLE_RUN_FACTOR", "Verdict", "compare", "largest_stage"]
+
+SINGLE_RUN_FACTOR = 1.5
+"""With one run of either timing (no spread known), only a ratio this far from 1 counts as a difference."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of :func:`compare`: ``str()`` is the Japanese sentence a notebook prints."""
+
+    text: str
+    ratio: float
+    """How many times faster ``b`` is than ``a`` (median against median; < 1: slower)."""
+    differs: bool
+    """True when the difference is beyond the noise (see the module docstring)."""
+    noise: float
+    """The larger relative half-spread of the two (0.06 = ±6 %); NaN when a timing has one run."""
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _half_spread(timing: Timing) -> float | None:
+    if len(timing.runs) < 2 or timing.seconds <= 0:
+        return None
+    return (max(timing.runs) - min(timing.runs)) / timing.seconds / 2
+
+
+def _ratio_words(ratio: float) -> str:
+    if ratio >= 1:
+        return f"{ratio:.1f} 倍速い" if ratio >= 1.95 else f"{(ratio - 1) * 100:.0f} % 速い"
+    slower = 1 / ratio
+    return f"{slower:.1f} 倍遅い" if slower >= 1.95 else f"{(slower - 1) * 100:.0f} % 遅い"
+
+
+def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | None = None) -> Verdict:
+    """Is ``b`` faster or slower than ``a`` beyond the noise of this run? Per item (images/s).
+
+    ``a_label``/``b_label`` name the two in the sentence (default: the timings' names).
+    """
+    a_name, b_name = a_label or a.name, b_label or b.name
+    ratio = b.items_per_s / a.items_per_s if a.items_per_s > 0 else float("inf")
+    spreads = [_half_spread(a), _half_spread(b)]
+    if None in spreads:
+        differs = ratio >= SINGLE_RUN_FACTOR or ratio <= 1 / SINGLE_RUN_FACTOR
+        if differs:
+            text = (
+                f"{b_name} は {a_name} より{_ratio_words(ratio)}"
+                f" (1 回だけの測定で揺れは分からないが、{SINGLE_RUN_FACTOR} 倍を超える差)"
+            )
+        else:
+            text = (
+                f"{b_name} と {a_name} に {SINGLE_RUN_FACTOR} 倍を超える差はない"
+                f" ({b_name}/{a_name} = {ratio:.2f}、1 回だけの測定で揺れは分からない)"
+            )
+        return Verdict(text, ratio, differs, float("nan"))
+    noise = max(s for s in spreads if s is not None)
+    # per-item rates scale with 1/seconds: compare the runs' ranges in seconds per item
+    a_lo, a_hi = min(a.runs) / a.n_items, max(a.runs) / a.n_items
+    b_lo, b_hi = min(b.runs) / b.n_items, max(b.runs) / b.n_items
+    apart = b_hi < a_lo or a_hi < b_lo
+    differs = apart and abs(ratio - 1) > noise
+    if differs:
+        text = f"{b_name} は {a_name} より{_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
+    else:
+        text = f"{b_name} と {a_name} の差は揺れの範囲内 ({b_name}/{a_name} = {ratio:.2f}、揺れ ±{noise * 100:.0f} %)"
+    return Verdict(text, ratio, differs, noise)
+
+
+def largest_stage(stages: Mapping[str, float], unit: str = "ms") -> str:
+    """The largest stage of a breakdown and its share.
+
+    For example "いちばん長い段階は「モデル」(12.3 ms、全体の 54 %)".
+    """
+    if not stages:
+        raise ValueError("no stages given")
+    total = sum(stages.values())
+    name, value = max(stages.items(), key=lambda item: item[1])
+    share = value / total if total > 0 else 0.0
+    return f"いちばん長い段階は「{name}」({value:.3g} {unit}、全体の {share * 100:.0f} %)"

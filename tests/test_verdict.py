@@ -1,0 +1,62 @@
+"""helpers.verdict: a difference is called only beyond the run's own spread."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from helpers import verdict
+from helpers.timing import Timing
+
+
+def _timing(name: str, *runs: float, n: int = 100) -> Timing:
+    ordered = sorted(runs)
+    return Timing(name, ordered[len(ordered) // 2], n, tuple(runs))
+
+
+def test_a_clear_difference_is_called_with_its_ratio_and_noise() -> None:
+    a, b = _timing("a", 1.0, 1.02, 0.98), _timing("b", 0.13, 0.131, 0.129)
+    v = verdict.compare(a, b)
+    assert v.differs and v.ratio == pytest.approx(1.0 / 0.13)
+    assert str(v) == "b は a より7.7 倍速い (揺れ ±2 % を超える差)"
+    slower = verdict.compare(b, a)
+    assert slower.differs and "7.7 倍遅い" in str(slower)
+
+
+def test_small_differences_are_in_percent() -> None:
+    v = verdict.compare(_timing("e", 1.0, 1.01, 0.99), _timing("g", 0.8, 0.81, 0.79))
+    assert v.differs and "25 % 速い" in str(v)
+
+
+def test_overlapping_runs_are_within_the_noise() -> None:
+    a, b = _timing("a", 1.0, 1.3, 0.9), _timing("b", 0.95, 1.2, 0.85)
+    v = verdict.compare(a, b)
+    assert not v.differs
+    assert str(v).startswith("b と a の差は揺れの範囲内 (b/a = 1.05、揺れ ±")
+
+
+def test_apart_but_smaller_than_the_spread_is_not_a_difference() -> None:
+    # ranges do not overlap, yet the 5 % gap is smaller than b's ±8 % spread
+    a, b = _timing("a", 1.00, 1.001, 0.999), _timing("b", 0.952, 0.953, 0.80)
+    assert not verdict.compare(a, b).differs
+
+
+def test_a_single_run_says_so_and_needs_a_large_factor() -> None:
+    one, other = _timing("a", 1.0), _timing("b", 0.9)
+    v = verdict.compare(one, other)
+    assert not v.differs and math.isnan(v.noise) and "1 回だけの測定" in str(v)
+    v = verdict.compare(one, _timing("b", 0.5))
+    assert v.differs and "2.0 倍速い" in str(v) and "1 回だけの測定" in str(v)
+
+
+def test_labels_override_the_names() -> None:
+    v = verdict.compare(_timing("long name a", 1.0, 1.0), _timing("long name b", 0.5, 0.5), "e", "g")
+    assert str(v).startswith("g は e より2.0 倍速い")
+
+
+def test_largest_stage() -> None:
+    line = verdict.largest_stage({"デコード": 6.0, "モデル": 3.0, "コピー": 1.0})
+    assert line == "いちばん長い段階は「デコード」(6 ms、全体の 60 %)"
+    with pytest.raises(ValueError):
+        verdict.largest_stage({})
