@@ -226,6 +226,17 @@ def test_readme_links_every_notebook_with_a_badge() -> None:
         assert nbtool.render_badge(path.name, config["slug"], config["ref"]) in readme, path.name
 
 
+def test_readme_times_are_the_notebooks_own() -> None:
+    """README's 目安 column says what each notebook's 所要時間 line says (notebook 00 reads the latter)."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for planned in nbtool.course_plan():
+        link = f"(notebooks/{planned.name})"
+        row = next(line for line in readme.splitlines() if link in line and line.startswith("|"))
+        minutes = planned.minutes.split("分")[0].removeprefix("約").strip()
+        assert f"| {minutes} 分 |" in row, (planned.name, planned.minutes)
+        assert planned.installs and all("==" in pin for pin in planned.installs)
+
+
 def test_instructor_guide_has_a_timed_plan() -> None:
     guide = (REPO_ROOT / "notebooks" / "INSTRUCTOR.md").read_text(encoding="utf-8")
     assert "## 時間割" in guide and "0:00" in guide and "3:00" in guide

@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -115,6 +116,36 @@ def render_setup(extras: list[str], slug: str, ref: str) -> str:
         modules.update(EXTRAS[extra])
     packages = "{\n" + "".join(f'    "{m}": "{pinned(d)}",\n' for m, d in modules.items()) + "}"
     return SETUP_TEMPLATE.format(slug=slug, ref=ref, packages=packages, dirname=slug.split("/")[1])
+
+
+@dataclass(frozen=True)
+class PlannedNotebook:
+    """One notebook of the course as notebook 00 lists it (read from the notebook itself)."""
+
+    name: str
+    title: str
+    minutes: str
+    """The notebook's ``所要時間:`` line, without the label."""
+    installs: list[str]
+    """What its set-up cell installs on Colab (pinned), beyond what Colab has."""
+
+
+def course_plan() -> list[PlannedNotebook]:
+    """Every notebook's title, ``所要時間`` and Colab installs (notebook 00, section コースの構成).
+
+    Read from the files rather than written twice, so notebook 00 cannot drift from them.
+    """
+    plan = []
+    for path in notebooks():
+        nb = nbformat.read(path, as_version=4)
+        lines = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()]
+        title = next((line[2:] for line in lines if line.startswith("# ")), path.stem)
+        minutes = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("所要時間:")), "")
+        modules = dict(BASE_PACKAGES)
+        for extra in nb.metadata.get("course", {}).get("extras", []):
+            modules.update(EXTRAS[extra])
+        plan.append(PlannedNotebook(path.name, title, minutes, [pinned(d) for d in modules.values()]))
+    return plan
 
 
 def notebooks() -> list[Path]:

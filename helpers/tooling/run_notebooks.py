@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nbformat
+from traitlets.config import Config
 
 from helpers import REPO_ROOT, env
 from helpers.tooling.notebooks import notebooks
@@ -39,8 +42,14 @@ def run_one(path: Path, out_dir: Path, timeout: int = 1800) -> NotebookRun:
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
+    sockets = tempfile.mkdtemp(prefix="nb-")  # an absolute, short path: the kernel runs in notebooks/
     client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+        # local sockets instead of TCP: the kernel then has no "running over TCP without encryption" warning
+        config=Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")}}),
     )
     start = time.perf_counter()
     error = ""
@@ -48,6 +57,8 @@ def run_one(path: Path, out_dir: Path, timeout: int = 1800) -> NotebookRun:
         client.execute()
     except CellExecutionError as err:
         error = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_dir / path.name)
