@@ -132,6 +132,8 @@ def _interp(spec: PreprocessSpec) -> Any:
 def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, Any, Any]:
     """(width, height, crop_pos_x, crop_pos_y) computed in the graph from the decoded shape.
 
+    ノートブック 03 の第 3 節 (ソースを表示して教える).
+
     Integer arithmetic: the shorter-side sizes and both crop roundings equal
     :meth:`PreprocessSpec.geometry`; LINE's letterbox is rounded half to even on the exact ratio,
     where LINE's processor rounds a float product: they differ on 28 of the 2 million size pairs
@@ -181,6 +183,8 @@ def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, A
 
 def preprocess_images(images: DataNode, spec: PreprocessSpec, geometry: DataNode | None = None) -> DataNode:
     """Decoded HWC uint8 RGB ``images`` (CPU or GPU) → float32 CHW ``spec.size`` squares, like PIL.
+
+    ノートブック 03 の第 3 節 (ソースを表示して教える).
 
     Call inside a pipeline definition. ``geometry``: per sample float32 ``[width, height,
     crop_pos_x, crop_pos_y]`` computed on the host with :meth:`PreprocessSpec.geometry`
@@ -246,6 +250,8 @@ def decode_and_preprocess(
 ) -> DataNode:
     """Encoded files → decoded RGB (``mixed`` on the GPU, else CPU) → :func:`preprocess_images`.
 
+    ノートブック 03 の第 2.2 節と第 4.1 節 (デコーダーの 2 つのつまみ; 第 4.1 節でソースを表示).
+
     EXIF orientation: recent DALI releases apply it in the decoder (``adjust_orientation``), older
     ones do not, so :func:`iter_preprocessed` sends EXIF-rotated files to PIL (see :func:`route`)
     and the pipeline only ever sees upright files. ``fancy_upsampling`` makes nvJPEG upsample
@@ -288,6 +294,8 @@ def build_pipeline(
     **pipeline_options: Any,
 ) -> Pipeline:
     """A DALI pipeline: ``fn.readers.file`` → decode → resize/crop/pad → normalise, outputs ``OUTPUT_MAP``.
+
+    ノートブック 03 の第 3 節 (ソースを表示して教える; 第 4〜6 節で使う).
 
     ``source``: a list of files (labels: ``labels``, default their positions 0, 1, ...), or a
     folder (DALI's ``file_root`` mode: one sub-folder per class, labelled in sorted order; files
@@ -350,6 +358,8 @@ def build_pipeline(
 
 class FileSource:
     """A per-sample ``fn.external_source`` callback: sample ``i`` → (file bytes, ``[i]`` as int32).
+
+    ノートブック 03 の第 2.5 節.
 
     Picklable (a module-level class holding only paths), so it works with ``parallel=True`` and
     ``py_start_method="spawn"``. A per-sample source only ever makes **full** batches: the epoch
@@ -631,6 +641,8 @@ def iter_preprocessed(
     knobs: DecoderKnobs | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
     """Preprocess ``paths`` with DALI in batches: yields ``(indices, pixels, errors)``.
+
+    ノートブック 03 の第 7 節 (壊れたファイル).
 
     Yield ``k`` covers the positions ``k * batch_size`` ... ``(k + 1) * batch_size - 1`` of
     ``paths``: ``indices`` lists (ascending) those whose pixels are in ``pixels`` (float32
