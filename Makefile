@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-requirements
 PORT ?= 8888
 
-.PHONY: venv test test-unit test-notebooks lint run lab clean test-colab
+.PHONY: venv test test-unit test-notebooks lint run lab clean test-colab gpu-check
 
 venv: $(STAMP)
 
@@ -25,8 +25,9 @@ lint: venv
 	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/python -m helpers.tooling.notebooks check
 
+## the GPU tests (marker gpu, tests/gpu) are left out here: `make gpu-check` runs them on a GPU machine
 test-unit: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not gpu" tests
 
 test-notebooks: venv
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=900 notebooks
@@ -52,6 +53,17 @@ $(COLAB_STAMP): $(COLAB_CONSTRAINTS)
 test-colab: $(COLAB_STAMP)
 	COLAB_PARITY=1 COLAB_PARITY_SKIP="$(COLAB_SKIP)" $(COLAB_VENV)/bin/python -m pytest --durations=5 \
 		tests/colab $(COLAB_UNIT_TESTS)
+
+## make gpu-check: every GPU branch (GPU tests, notebooks on the GPU, bench) in one command on a lent GPU
+## machine, with the interpreter that holds torch (PYTHON, else python3; no .venv); one report in
+## build/gpu-check/ (and $OUT/gpu-check/). GPU_CHECK_DRY_RUN=1 rehearses it on the CPU, with .venv unless
+## PYTHON is given. See tests/gpu/gpu_check.py and README (メンテナー向け).
+GPU_CHECK_OWN_PYTHON := $(filter environment environment\ override command\ line,$(origin PYTHON))
+GPU_CHECK_DRY := $(filter 1 true yes on,$(GPU_CHECK_DRY_RUN))
+GPU_CHECK_PYTHON := $(if $(GPU_CHECK_OWN_PYTHON),$(PYTHON),$(if $(GPU_CHECK_DRY),$(BIN)/python,python3))
+
+gpu-check: $(if $(and $(GPU_CHECK_DRY),$(if $(GPU_CHECK_OWN_PYTHON),,1)),venv)
+	$(GPU_CHECK_PYTHON) tests/gpu/gpu_check.py $(if $(GPU_CHECK_DRY),--dry-run)
 
 ## make run: execute every notebook in order, headless; executed copies and a summary under build/
 run: venv

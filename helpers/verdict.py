@@ -84,7 +84,8 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
     if differs:
         text = f"{b_name} は {a_name} より{_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
     else:
-        text = f"{b_name} と {a_name} の差は揺れの範囲内 ({b_name}/{a_name} = {ratio:.2f}、揺れ ±{noise * 100:.0f} %)"
+        detail = f"{b_name}/{a_name} = {ratio:.2f}、揺れ ±{noise * 100:.0f} %"
+        text = f"{b_name} と {a_name} の差は揺れの範囲内 ({detail})"
     return Verdict(text, ratio, differs, noise)
 
 
