@@ -10,14 +10,17 @@ short warm-up. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out`
     python -m helpers.bench --arch vit-b16-random --n 1000 --note "H100, 2 cores, estimate for T4"
     python -m helpers.bench --model embedded --n 64 --out build/bench
 
-Variants (keys): ``a`` one image at a time; ``b`` manual slicing into batches; ``c`` a DataLoader
+Variants (keys; notebook 02 section 3 shows their source with ``inspect.getsource`` and runs these
+very functions): ``a`` one image at a time; ``b`` manual slicing into batches; ``c`` a DataLoader
 over the paths (decoding still in the main process); ``d`` a Dataset that decodes and preprocesses
-in worker processes; ``e`` d + ``inference_mode`` + fp16 autocast on CUDA + text features once
-(the engine's ``dataloader`` backend with ``exact_decode``); ``g`` e with JPEGs decoded at the size
-the model needs, uint8 from the workers and the normalisation on the model's device (the engine's
-default); ``dali`` the engine's ``dali`` backend, when ``helpers.dali.iter_preprocessed`` exists and
-DALI imports, once per combination of ``--dali-hybrid-threshold`` and ``--dali-hw-decoder-load``
-(comma-separated lists: a GPU session sweeps them in one run).
+in worker processes; ``e`` d run by the engine (``inference_mode``, fp16 autocast on CUDA and
+float32 on the CPU: :func:`precision_label`; the engine's ``dataloader`` backend with
+``exact_decode``); ``g`` e with JPEGs decoded at the size the model needs, uint8 from the workers
+and the normalisation on the model's device (the engine's default); ``dali`` the engine's ``dali``
+backend, when ``helpers.dali.iter_preprocessed`` exists and DALI imports, once per combination of
+``--dali-hybrid-threshold`` and ``--dali-hw-decoder-load`` (comma-separated lists: a GPU session
+sweeps them in one run). Every variant computes the label text features **once**, before its loop,
+as the original article did.
 
 The same run measures the **ceiling** of the read path: processes (one per usable core) that only
 decode and apply the model's geometry, with full-size and with reduced-size JPEG decoding, no
@@ -27,12 +30,15 @@ model; every variant is reported as a share of the reduced-size ceiling.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,7 +57,9 @@ from helpers.models import (
     prepare,
     resize_with_spec,
 )
+from helpers.reading import SizedDecode, open_any
 from helpers.timing import ResultsTable, Timing, measure
+from helpers.timing import clock as _clock
 
 if TYPE_CHECKING:
     from helpers.dali import DecoderKnobs, Fallbacks
@@ -75,7 +83,9 @@ ARTICLE_T4_SECONDS: dict[str, float] = {
     "バッチ (手作業で分割)": 17.2,
     "DataLoader (パスのリスト)": 17.6,
 }
-"""The original article's figures: seconds for 1000 copies of one image, Colab T4, its CLIP model."""
+"""The original article's figures: single runs (no median, no spread), seconds for 1000 copies of
+one image, Colab T4, the article's CLIP model and code. Shown by notebook 02 section 7."""
+ARTICLE_SOURCE = "元記事の数値 (Colab T4、同じ画像 1000 枚のコピー、記事の CLIP モデル、それぞれ 1 回の測定)"
 REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
     "1 枚ずつ": 83,
     "バッチ 50": 115,
@@ -83,12 +93,50 @@ REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
     "DALI GPU デコード + リサイズ": 3259,
     "モデルのみ fp16 バッチ 256": 6720,
 }
-"""Measured earlier on the lent H100 (1000 JPEGs of 1260×750, random ViT-B/16): the expected shape."""
+"""Measured 2026-11 on an H100 lent to this project (16 CPU cores), 1000 distinct JPEGs of 1260×750,
+``random:vit-b16`` (ViT-B/16 with random weights), before reduced-size decoding existed (the
+DataLoader row decodes full-size); the DALI row used the H100's hardware JPEG decoder, which a T4
+lacks. The expected shape, not this machine's numbers (notebook 02 section 7)."""
+REFERENCE_H100_SOURCE = (
+    "参考値: この講座で 2026-11 に貸与の H100 (CPU 16 コア) で測定、1260×750 の異なる JPEG 1000 枚、"
+    "ランダム重みの ViT-B/16 (random:vit-b16)。縮小デコードを入れる前の経路 (元の大きさからデコード)。"
+    "DALI の行は H100 のハードウェア JPEG デコーダーを使用 (T4 にはない)"
+)
+T4_FP16_TFLOPS = 65.0
+"""NVIDIA's datasheet figure for the T4's fp16 tensor cores (dense)."""
+H100_FP16_TFLOPS: dict[str, float] = {"H100 SXM": 989.0, "H100 PCIe": 756.0}
+"""NVIDIA's datasheet figures for the H100's fp16 tensor cores (dense). Which form the lent H100
+was is not recorded: :func:`t4_model_estimate` gives the range."""
+
+
+def t4_model_estimate() -> tuple[float, float]:
+    """A FLOP-ratio estimate, not a measurement: the H100's model-only images/s scaled by the T4's
+    fp16 tensor TFLOPS over the H100's (SXM, then PCIe). Notebook 02 section 7."""
+    rate = REFERENCE_H100_IMAGES_PER_S["モデルのみ fp16 バッチ 256"]
+    low, high = (rate * T4_FP16_TFLOPS / H100_FP16_TFLOPS[k] for k in ("H100 SXM", "H100 PCIe"))
+    return low, high
+
+
+def quoted_markdown() -> str:
+    """The article's figures and the H100 reference as Markdown tables, each under its source
+    (single runs: no median column). Notebook 02 section 7 and ``bench.md``."""
+    lines = [f"**{ARTICLE_SOURCE}**", "", "| 方式 | 1000 枚の時間 (1 回) | 画像/秒 | 1 枚ずつとの比 |"]
+    lines.append("|---|---:|---:|---:|")
+    base = ARTICLE_T4_SECONDS["1 枚ずつ"]
+    for name, seconds in ARTICLE_T4_SECONDS.items():
+        lines.append(f"| {name} | {seconds} s | {1000 / seconds:.1f} | {base / seconds:.2f}× |")
+    lines += ["", f"**{REFERENCE_H100_SOURCE}**", ""]
+    lines += ["| 方式 | 画像/秒 | 1 枚ずつとの比 |", "|---|---:|---:|"]
+    first = REFERENCE_H100_IMAGES_PER_S["1 枚ずつ"]
+    for name, rate in REFERENCE_H100_IMAGES_PER_S.items():
+        lines.append(f"| {name} | {rate:,.0f} | {rate / first:.2f}× |")
+    return "\n".join(lines)
 
 
 @dataclass
 class Setup:
-    """What every variant gets: the model, the files, the label prompts and the batch settings."""
+    """What every variant gets: the model, the files, the label prompts and the batch settings
+    (notebook 02 section 1 builds one; section 3 hands it to every variant)."""
 
     model: ClipModel
     paths: list[Path]
@@ -101,7 +149,8 @@ class Setup:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the job; ``run(setup)`` returns probabilities [N, labels] on the CPU."""
+    """One way of running the job; ``run(setup)`` returns probabilities [N, labels] on the CPU.
+    ``tolerance``: the largest |Δ probability| from the baseline allowed (notebook 02 section 4)."""
 
     key: str
     name: str
@@ -145,42 +194,46 @@ class Report:
 # ---------------------------------------------------------------- the variants
 
 
-def _probs(model: ClipModel, image_features: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-    """Text features computed here, every call (what a/b/c/d do), then the zero-shot probabilities."""
-    return model.probabilities(image_features, model.encode_texts(list(texts))).cpu()
-
-
 def per_image(s: Setup) -> torch.Tensor:
-    """a. Open, preprocess and classify one image at a time."""
+    """a. Open, preprocess and classify one image at a time (text features once, before the loop).
+    Notebook 02 section 3a."""
+    text = s.model.label_features(s.texts)  # once, as in the original article
     rows = []
     for path in s.paths:
         pixels = s.model.preprocess([open_image(path)])
-        rows.append(_probs(s.model, s.model.encode_images(pixels), s.texts))
+        rows.append(s.model.probabilities(s.model.encode_images(pixels), text).cpu())
     return torch.cat(rows)
 
 
 def manual_batches(s: Setup) -> torch.Tensor:
-    """b. Slice the list into batches by hand; still decode in the main process."""
+    """b. Slice the list into batches by hand; still decode in the main process. Notebook 02 section 3b."""
+    text = s.model.label_features(s.texts)
     rows = []
     for start in range(0, len(s.paths), s.batch_size):
         images = [open_image(p) for p in s.paths[start : start + s.batch_size]]
-        rows.append(_probs(s.model, s.model.encode_images(s.model.preprocess(images)), s.texts))
+        features = s.model.encode_images(s.model.preprocess(images))
+        rows.append(s.model.probabilities(features, text).cpu())
     return torch.cat(rows)
 
 
 def loader_over_paths(s: Setup) -> torch.Tensor:
-    """c. A DataLoader over the list of paths: it only batches the names (decoding stays here)."""
+    """c. A DataLoader over the list of paths: it only batches the names (decoding stays here).
+    Notebook 02 section 3c."""
+    text = s.model.label_features(s.texts)
     loader = torch.utils.data.DataLoader(s.paths, batch_size=s.batch_size, collate_fn=list)
     rows = []
     for batch_paths in loader:
-        images = [open_image(p) for p in batch_paths]
-        rows.append(_probs(s.model, s.model.encode_images(s.model.preprocess(images)), s.texts))
+        images = [open_image(p) for p in batch_paths]  # decoding: still this (main) process
+        features = s.model.encode_images(s.model.preprocess(images))
+        rows.append(s.model.probabilities(features, text).cpu())
     return torch.cat(rows)
 
 
 def workers(s: Setup) -> torch.Tensor:
-    """d. A Dataset that opens and preprocesses in ``num_workers`` processes; pinned memory on CUDA."""
-    preprocess = engines.worker_preprocess(s.model, exact_decode=True)
+    """d. A Dataset that opens and preprocesses in ``num_workers`` processes; pinned memory on CUDA.
+    A new DataLoader (and its workers) every call, as a one-off job starts them. Notebook 02 section 3d."""
+    text = s.model.label_features(s.texts)
+    preprocess = engines.worker_preprocess(s.model, exact_decode=True)  # the model's own preprocessing
     loader = engines.make_loader(s.paths, preprocess, s.batch_size, s.num_workers)
     rows = []
     for _, pixels, errors in loader:
@@ -188,7 +241,7 @@ def workers(s: Setup) -> torch.Tensor:
             index, reason = next(iter(errors.items()))
             raise ImageReadError(s.paths[index], reason)
         features = s.model.encode_images(pixels.to(s.model.device, non_blocking=True))
-        rows.append(_probs(s.model, features, s.texts))
+        rows.append(s.model.probabilities(features, text).cpu())
     return torch.cat(rows)
 
 
@@ -221,14 +274,17 @@ def _engine(
 
 
 def engine_dataloader(s: Setup) -> torch.Tensor:
-    """e. d + inference_mode + autocast (fp16 on CUDA) + text features once: the engine's DataLoader
-    with ``exact_decode`` (full-size decoding, the model's own preprocessing in the workers)."""
+    """e. d run by the engine: ``inference_mode`` and :func:`helpers.engines.autocast_dtype` autocast
+    (fp16 on CUDA, float32 on the CPU), bad files as error records; the engine's DataLoader with
+    ``exact_decode`` (full-size decoding, the model's own preprocessing in the workers).
+    Notebook 02 section 3e."""
     return _engine(s, "dataloader")
 
 
 def engine_sized(s: Setup) -> torch.Tensor:
     """g. e, but JPEGs decoded at the size the model needs (libjpeg's DCT downscale), uint8 from the
-    workers and the normalisation on the model's device: the engine's default DataLoader path."""
+    workers and the normalisation on the model's device: the engine's default DataLoader path.
+    Notebook 02 section 3g."""
     return _engine(s, "dataloader", exact_decode=False)
 
 
@@ -256,18 +312,29 @@ def _knob_grid(thresholds: str | None, loads: str | None) -> list[DecoderKnobs |
     return [DecoderKnobs(hw_decoder_load=x, hybrid_huffman_threshold=t) for t in hybrid for x in load]
 
 
+def precision_label(device: torch.device | str) -> str:
+    """What the engine's model step runs in on ``device`` (:func:`helpers.engines.autocast_dtype`),
+    in words: ``"fp16 autocast"`` on CUDA, ``"float32 (CPU では autocast なし)"`` on the CPU: the
+    label of variant e says what actually ran (notebook 02 section 3e)."""
+    dtype = engines.autocast_dtype(device)
+    if dtype is None:
+        return f"float32 ({torch.device(device).type.upper()} では autocast なし)"
+    return f"{str(dtype).removeprefix('torch.').replace('float16', 'fp16')} autocast"
+
+
 def variants(
     device: torch.device | str, dali_knobs: Sequence[DecoderKnobs | None] = (None,)
 ) -> list[Variant]:
     """The variants that can run here, baseline first (DALI only when ``helpers.dali`` provides it,
-    one row per entry of ``dali_knobs``)."""
+    one row per entry of ``dali_knobs``). Names say what runs on ``device`` (:func:`precision_label`).
+    Notebook 02 section 3 measures a-e and g (and f, e with :func:`with_compiled_images`)."""
     amp = AMP_TOLERANCE if engines.autocast_dtype(device) is not None else FP32_TOLERANCE
     chosen = [
         Variant("a", "a. 1 枚ずつ", per_image),
         Variant("b", "b. バッチ (手作業で分割)", manual_batches),
         Variant("c", "c. DataLoader (パスのリスト)", loader_over_paths),
         Variant("d", "d. Dataset + ワーカーで前処理", workers),
-        Variant("e", "e. d + inference_mode + 混合精度 + テキスト 1 回", engine_dataloader, amp),
+        Variant("e", f"e. エンジン: d + {precision_label(device)}", engine_dataloader, amp),
         Variant(
             "g", "g. e + 縮小デコード + uint8 + デバイスで正規化", engine_sized, max(amp, DECODE_TOLERANCE)
         ),
@@ -283,6 +350,129 @@ def variants(
             name = f"DALI ({where} でデコード{detail})"
             chosen.append(Variant("dali", name, dali_variant(knobs), max(amp, DALI_TOLERANCE)))
     return chosen
+
+
+def with_compiled_images(model: ClipModel) -> ClipModel:
+    """A shallow copy of ``model`` whose image tower runs through ``torch.compile`` (weights, text
+    tower and preprocessing shared with ``model``): variant f of notebook 02 section 3f is
+    ``engine_dataloader`` with this model. The first call with each new input shape compiles."""
+    fast = copy.copy(model)
+    fast._image_features = torch.compile(model._image_features)  # type: ignore[method-assign]
+    return fast
+
+
+# ---------------------------------------------------------------- measuring on a shared machine
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None = 1) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: leave it), then restore the old
+    count. On a 2-core machine shared with other work, one thread keeps a microbenchmark from
+    waiting for a busy core (notebook 02 sections 2, 3f and 6; notebook 05 shows the effect)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    n_items: int | Mapping[str, int],
+    warmup: int = 1,
+    repeats: int = 3,
+) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Time several functions in turns (a, b, c, a, b, c, ...): ``warmup`` untimed rounds, then
+    ``repeats`` timed ones, so a slow spell of a shared machine falls on all of them alike.
+
+    Returns a :class:`~helpers.timing.Timing` per name (median and every run, for
+    :func:`helpers.verdict.compare`) and each function's last return value. Notebook 02 section 3.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    items = n_items if isinstance(n_items, Mapping) else dict.fromkeys(fns, n_items)
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    last: dict[str, object] = {}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = _clock()
+            last[name] = fn()
+            if round_ >= warmup:
+                runs[name].append(_clock() - start)
+    timings = {name: Timing(name, statistics.median(r), items[name], tuple(r)) for name, r in runs.items()}
+    return timings, last
+
+
+# ---------------------------------------------------------------- where the time goes
+
+
+def stages_per_image(s: Setup) -> dict[str, float]:
+    """Variant a's work split into stages, seconds per image: デコード (open_image), 前処理 (the
+    model's preprocessing), 転送 (to the model's device), モデル (text features once, then features
+    and probabilities image by image). The same work as :func:`per_image`, one stage after the
+    other over each batch of paths, so the stages add up to its time. Notebook 02 section 5."""
+    totals = dict.fromkeys(("デコード", "前処理", "転送", "モデル"), 0.0)
+    start = _clock()
+    text = s.model.label_features(s.texts)
+    totals["モデル"] += _clock() - start
+    for first in range(0, len(s.paths), s.batch_size):  # in chunks: never all pictures in memory
+        t0 = _clock()
+        images = [open_image(p) for p in s.paths[first : first + s.batch_size]]
+        t1 = _clock()
+        pixels = [s.model.preprocess([image]) for image in images]
+        t2 = _clock()
+        on_device = [p.to(s.model.device) for p in pixels]
+        t3 = _clock()
+        for p in on_device:
+            s.model.probabilities(s.model.encode_images(p), text).cpu()
+        t4 = _clock()
+        for stage, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            totals[stage] += seconds
+    return {stage: seconds / len(s.paths) for stage, seconds in totals.items()}
+
+
+def _opened_only(images: list) -> torch.Tensor:
+    """A 'preprocessing' that only lets the worker open (decode) the picture."""
+    return torch.zeros(len(images), 1)
+
+
+@dataclass(frozen=True)
+class _OpenedAtSizeOnly(SizedDecode):
+    """Decode at reduced size (as :class:`~helpers.reading.SizedDecode`), nothing more."""
+
+    def __call__(self, path: str | Path) -> torch.Tensor:
+        open_any(path, at_least=self.spec.decode_floor())
+        return torch.zeros(1)
+
+
+def stages_loader(s: Setup, exact_decode: bool = True) -> dict[str, float]:
+    """Variant e's (``exact_decode``) or g's work in stages, seconds of wall time per image:
+    デコード a pass of a fresh DataLoader whose workers only decode; 前処理 the pass that also
+    preprocesses, minus the decode pass; 転送 to the model's device; モデル the main process's
+    normalisation (g), model and probabilities over the batches already read. Each pass starts its
+    workers, as e and g do. In e and g the workers read **while** the model runs, so their
+    end-to-end time can be shorter than the sum. Notebook 02 section 5."""
+    opened = _opened_only if exact_decode else _OpenedAtSizeOnly(s.model.preprocess_spec)
+    preprocess = engines.worker_preprocess(s.model, exact_decode)
+    t0 = _clock()
+    for _ in engines.make_loader(s.paths, opened, s.batch_size, s.num_workers):
+        pass
+    t1 = _clock()
+    loader = engines.make_loader(s.paths, preprocess, s.batch_size, s.num_workers)
+    batches = [pixels for _, pixels, _ in loader]
+    del loader  # its workers stop here, as when e's loader goes away
+    t2 = _clock()
+    on_device = [pixels.to(s.model.device, non_blocking=True) for pixels in batches]
+    t3 = _clock()
+    text, staging = s.model.label_features(s.texts), engines.Staging()
+    features = [engines.encode_batch(s.model, pixels, True, staging) for pixels in on_device]
+    s.model.probabilities(torch.cat(features), text)
+    t4 = _clock()
+    decode, read = t1 - t0, t2 - t1
+    seconds = {"デコード": decode, "前処理": max(read - decode, 0.0), "転送": t3 - t2, "モデル": t4 - t3}
+    return {stage: value / len(s.paths) for stage, value in seconds.items()}
 
 
 # ---------------------------------------------------------------- the ceiling
@@ -301,14 +491,16 @@ def _decode_only(paths: list[Path], spec: PreprocessSpec, at_size: bool) -> int:
     return done
 
 
-def ceilings(paths: list[Path], spec: PreprocessSpec, processes: int, repeats: int) -> list[Timing]:
-    """Images/s of ``processes`` processes that only decode + resize, full-size then at reduced size.
-
-    What any read path on this CPU can reach at best: the engines add the copy between processes,
-    batching, the model and the output. The pool is started and warmed before the clock runs.
-    """
+@contextlib.contextmanager
+def ceiling_runs(
+    paths: list[Path], spec: PreprocessSpec, processes: int
+) -> Iterator[dict[str, Callable[[], int]]]:
+    """The two decode-only passes of :func:`ceilings` as functions (name → run), on a pool of
+    ``processes`` processes started and warmed here: for :func:`measure_interleaved`, so the ceiling
+    is measured in the same rounds as the variants (notebook 02 section 3). Each run returns how
+    many files it decoded."""
     chunks = [paths[i::processes] for i in range(processes)]
-    out = []
+    runs: dict[str, Callable[[], int]] = {}
     with ProcessPoolExecutor(processes) as pool:
         for at_size, label in ((False, "全体をデコード"), (True, "縮小デコード")):
             list(pool.map(_decode_only, [c[:2] for c in chunks], [spec] * processes, [at_size] * processes))
@@ -316,9 +508,19 @@ def ceilings(paths: list[Path], spec: PreprocessSpec, processes: int, repeats: i
             def run(at_size: bool = at_size) -> int:
                 return sum(pool.map(_decode_only, chunks, [spec] * processes, [at_size] * processes))
 
-            name = f"上限: {processes} プロセスでデコード + リサイズのみ ({label})"
-            out.append(measure(run, name, n_items=len(paths), warmup=0, repeats=repeats))
-    return out
+            runs[f"上限: {processes} プロセスでデコード + リサイズのみ ({label})"] = run
+        yield runs
+
+
+def ceilings(paths: list[Path], spec: PreprocessSpec, processes: int, repeats: int) -> list[Timing]:
+    """Images/s of ``processes`` processes that only decode + resize, full-size then at reduced size.
+
+    What any read path on this CPU can reach at best: the engines add the copy between processes,
+    batching, the model and the output. The pool is started and warmed before the clock runs
+    (:func:`ceiling_runs`). Notebook 02 sections 3 and 5 show each variant's share of these.
+    """
+    with ceiling_runs(paths, spec, processes) as runs:
+        return [measure(run, name, len(paths), warmup=0, repeats=repeats) for name, run in runs.items()]
 
 
 # ---------------------------------------------------------------- running
@@ -423,10 +625,7 @@ def to_markdown(report: Report) -> str:
                     f"(PIL でデコードしたファイルが {PIL_SHARE_LIMIT:.0%} を超えたので、"
                     "この行は DALI の速さとは言えません)"
                 )
-    lines += ["", "元記事 (Colab T4、同じ画像 1000 枚のコピー): "]
-    lines.append(", ".join(f"{k} {v} s ({1000 / v:.1f} 画像/秒)" for k, v in ARTICLE_T4_SECONDS.items()))
-    lines += ["", "参考 (H100、1260×750 の JPEG 1000 枚、ランダム重みの ViT-B/16): "]
-    lines.append(", ".join(f"{k} {v:,.0f} 画像/秒" for k, v in REFERENCE_H100_IMAGES_PER_S.items()))
+    lines += ["", quoted_markdown()]
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,8 @@ def open_any(path: str | Path, at_least: tuple[int, str] | None = None) -> Image
 class SizedDecode:
     """The fast read: decode at the size the model needs, apply its geometry, hand over uint8.
 
+    Taught in notebook 02 (variant g).
+
     JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale as long as the picture stays
     :data:`~helpers.models.base.DECODE_MARGIN` times larger than the model's input
     (:meth:`PreprocessSpec.decode_floor`); then the spec's resize, crop or letterbox; the result is
