@@ -53,21 +53,33 @@ def sweep_line(
     title: str = "",
     logx: bool = False,
 ) -> Figure:
-    """Line chart of one or more series over a swept parameter (batch size, temperature, ...)."""
+    """Line chart of one or more series over a swept parameter (batch size, temperature, ...).
+
+    Whole-number sweeps (thread counts, batch sizes) get a tick at each swept value and no other
+    (base-2 spacing with ``logx``); every line has a legend entry.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     setup_japanese()
+    xs = list(x)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, ys in series.items():
-        ax.plot(list(x), list(ys), marker="o", label=label)
+        ax.plot(xs, list(ys), marker="o", label=label)
+    try:
+        whole = bool(xs) and all(float(v).is_integer() for v in xs)
+    except (TypeError, ValueError):  # categories: matplotlib places them itself
+        whole = False
     if logx:
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2 if whole else 10)
+    if whole:
+        ax.set_xticks(xs, [str(int(v)) for v in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    if len(series) > 1:
-        ax.legend()
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -42,8 +42,15 @@ def test_sweep_line() -> None:
     fig = plots.sweep_line(
         [1, 2, 4], {"画像/秒": [1, 2, 3], "メモリ": [3, 2, 1]}, "バッチサイズ", "値", logx=True
     )
-    assert len(fig.axes[0].lines) == 2
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2
+    assert list(ax.get_xticks()) == [1, 2, 4]  # a tick at each swept value, base-2 spacing
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["画像/秒", "メモリ"]
     plt.close(fig)
+    single = plots.sweep_line([0.5, 1.5], {"温度": [1, 2]}, "x", "y")
+    assert single.axes[0].get_legend() is not None  # one line still has its legend entry
+    plt.close(single)
 
 
 def test_image_grid_captions() -> None:
