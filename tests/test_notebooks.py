@@ -232,6 +232,7 @@ def test_readme_times_are_the_notebooks_own() -> None:
     for planned in nbtool.course_plan():
         link = f"(notebooks/{planned.name})"
         row = next(line for line in readme.splitlines() if link in line and line.startswith("|"))
+        assert planned.minutes.count("(") == planned.minutes.count(")"), planned  # the whole paragraph read
         minutes = planned.minutes.split("分")[0].removeprefix("約").strip()
         assert f"| {minutes} 分 |" in row, (planned.name, planned.minutes)
         assert planned.installs and all("==" in pin for pin in planned.installs)

@@ -36,6 +36,15 @@ def test_overlapping_runs_are_within_the_noise() -> None:
     assert str(v).startswith("b と a の差は揺れの範囲内 (b/a = 1.05、揺れ ±")
 
 
+def test_far_medians_with_overlapping_runs_are_unclear() -> None:
+    # medians 14 % apart, spread ±6 %, but one slow run of b reaches into a's range
+    a, b = _timing("e", 1.0, 1.02, 0.98), _timing("f", 0.877, 0.87, 1.0)
+    v = verdict.compare(a, b)
+    assert not v.differs
+    expected = "f と e の差ははっきりしない (f/e = 1.14。揺れ ±7 % より大きいが、3 回の測定の範囲が重なる)"
+    assert str(v) == expected
+
+
 def test_apart_but_smaller_than_the_spread_is_not_a_difference() -> None:
     # ranges do not overlap, yet the 5 % gap is smaller than b's ±8 % spread
     a, b = _timing("a", 1.00, 1.001, 0.999), _timing("b", 0.952, 0.953, 0.80)

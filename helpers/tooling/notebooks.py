@@ -130,6 +130,19 @@ class PlannedNotebook:
     """What its set-up cell installs on Colab (pinned), beyond what Colab has."""
 
 
+def _paragraph_after(lines: list[str], label: str) -> str:
+    """The text after ``label`` on its line and the lines that continue its paragraph, joined."""
+    for i, line in enumerate(lines):
+        if line.startswith(label):
+            parts = [line[len(label) :].strip()]
+            for more in lines[i + 1 :]:
+                if not more.strip() or more.lstrip().startswith(("#", "-", "|")):
+                    break
+                parts.append(more.strip())
+            return "".join(parts)
+    return ""
+
+
 def course_plan() -> list[PlannedNotebook]:
     """Every notebook's title, ``所要時間`` and Colab installs (notebook 00, section コースの構成).
 
@@ -140,7 +153,7 @@ def course_plan() -> list[PlannedNotebook]:
         nb = nbformat.read(path, as_version=4)
         lines = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()]
         title = next((line[2:] for line in lines if line.startswith("# ")), path.stem)
-        minutes = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("所要時間:")), "")
+        minutes = _paragraph_after(lines, "所要時間:")
         modules = dict(BASE_PACKAGES)
         for extra in nb.metadata.get("course", {}).get("extras", []):
             modules.update(EXTRAS[extra])
