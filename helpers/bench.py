@@ -85,7 +85,10 @@ ARTICLE_T4_SECONDS: dict[str, float] = {
 }
 """The original article's figures: single runs (no median, no spread), seconds for 1000 copies of
 one image, Colab T4, the article's CLIP model and code. Shown by notebook 02 section 7."""
-ARTICLE_SOURCE = "元記事の数値 (Colab T4、同じ画像 1000 枚のコピー、記事の CLIP モデル、それぞれ 1 回の測定)"
+ARTICLE_SOURCE = (
+    "元記事 (この講座のもとになった記事) が報告した数値 "
+    "(Colab T4、同じ画像 1000 枚のコピー、記事の CLIP モデル、それぞれ 1 回の測定)"
+)
 REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
     "1 枚ずつ": 83,
     "バッチ 50": 115,
