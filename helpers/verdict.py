@@ -73,7 +73,7 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
         else:
             text = (
                 f"{b_name} と {a_name} に {SINGLE_RUN_FACTOR} 倍を超える差はない"
-                f" ({b_name}/{a_name} = {ratio:.2f}、1 回だけの測定で揺れは分からない)"
+                f" (速さの比 {b_name}/{a_name} = {ratio:.2f}、1 回だけの測定で揺れは分からない)"
             )
         return Verdict(text, ratio, differs, float("nan"))
     noise = max(s for s in spreads if s is not None)
@@ -82,7 +82,7 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
     b_lo, b_hi = min(b.runs) / b.n_items, max(b.runs) / b.n_items
     apart = b_hi < a_lo or a_hi < b_lo
     differs = apart and abs(ratio - 1) > noise
-    ratio_text = f"{b_name}/{a_name} = {ratio:.2f}"
+    ratio_text = f"速さの比 {b_name}/{a_name} = {ratio:.2f}"  # images/s: the inverse of the times' ratio
     if differs:
         text = f"{b_name} は {a_name} より{_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
     elif abs(ratio - 1) > noise:  # the medians are far apart, but the runs' ranges overlap

@@ -33,7 +33,7 @@ def test_overlapping_runs_are_within_the_noise() -> None:
     a, b = _timing("a", 1.0, 1.3, 0.9), _timing("b", 0.95, 1.2, 0.85)
     v = verdict.compare(a, b)
     assert not v.differs
-    assert str(v).startswith("b と a の差は揺れの範囲内 (b/a = 1.05、揺れ ±")
+    assert str(v).startswith("b と a の差は揺れの範囲内 (速さの比 b/a = 1.05、揺れ ±")
 
 
 def test_far_medians_with_overlapping_runs_are_unclear() -> None:
@@ -41,7 +41,9 @@ def test_far_medians_with_overlapping_runs_are_unclear() -> None:
     a, b = _timing("e", 1.0, 1.02, 0.98), _timing("f", 0.877, 0.87, 1.0)
     v = verdict.compare(a, b)
     assert not v.differs
-    expected = "f と e の差ははっきりしない (f/e = 1.14。揺れ ±7 % より大きいが、3 回の測定の範囲が重なる)"
+    expected = (
+        "f と e の差ははっきりしない (速さの比 f/e = 1.14。揺れ ±7 % より大きいが、3 回の測定の範囲が重なる)"
+    )
     assert str(v) == expected
 
 
