@@ -60,6 +60,9 @@ from helpers.models import (
 from helpers.reading import SizedDecode, open_any
 from helpers.timing import ResultsTable, Timing, measure
 from helpers.timing import clock as _clock
+from helpers.timing import (
+    pinned_threads as pinned_threads,  # re-exported: notebook 02 calls bench.pinned_threads
+)
 
 if TYPE_CHECKING:
     from helpers.dali import DecoderKnobs, Fallbacks
@@ -365,20 +368,6 @@ def with_compiled_images(model: ClipModel) -> ClipModel:
 
 
 # ---------------------------------------------------------------- measuring on a shared machine
-
-
-@contextlib.contextmanager
-def pinned_threads(threads: int | None = 1) -> Iterator[int]:
-    """Run the block with ``torch.set_num_threads(threads)`` (None: leave it), then restore the old
-    count. On a 2-core machine shared with other work, one thread keeps a microbenchmark from
-    waiting for a busy core (notebook 02 sections 2, 3f and 6; notebook 05 shows the effect)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def measure_interleaved(

@@ -6,10 +6,12 @@ before reading the time whenever CUDA is there, so GPU work is timed to its end,
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch.utils.benchmark.utils.timer import timer as clock
 
 
@@ -123,3 +125,18 @@ class ResultsTable:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None = 1) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: leave it), then restore the old
+    count. On a 2-core machine shared with other work, one thread keeps a microbenchmark from
+    waiting for a busy core (notebook 02 sections 2, 3f and 6, via ``helpers.bench``;
+    ``tiny_clip.train``; notebook 05 shows the effect)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)

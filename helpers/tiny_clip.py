@@ -42,6 +42,7 @@ from helpers.models.embedded import (
     contrastive_loss,
     register,
 )
+from helpers.timing import pinned_threads
 
 TEMPLATES: tuple[str, ...] = ("{}", "{}の絵", "{}の画像", "{}のイラスト")
 """Caption templates used in training, the bare label ``"{}"`` first."""
@@ -264,12 +265,8 @@ def train(
     ``callback(step, model)`` runs after every ``log_every`` steps (e.g. to evaluate).
     Returns a summary dict (steps, seconds, parameter count, final loss, logit scale).
     """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with pinned_threads(threads):
         return _train(Path(out), steps, seed, n_images, batch_size, threads, log_every, log, callback, config)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(
