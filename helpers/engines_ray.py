@@ -302,7 +302,7 @@ def session(
 
 
 read_image = open_any
-"""Open a local path or a URI as RGB (:func:`helpers.reading.open_any`, under the name notebook 06 uses)."""
+"""Open a local path or a URI as RGB (:func:`helpers.reading.open_any`, under the name notebook 07 uses)."""
 
 
 def read_and_preprocess(

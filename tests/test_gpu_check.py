@@ -88,7 +88,7 @@ def test_the_notebook_extras_are_the_tooling_s() -> None:
     from helpers.tooling.notebooks import EXTRAS
 
     assert {extra: next(iter(modules)) for extra, modules in EXTRAS.items()} == gc.EXTRA_MODULES
-    assert gc.notebook_extras(gc.notebook_paths(["06"])[0]) == ["ray"]
+    assert gc.notebook_extras(gc.notebook_paths(["07"])[0]) == ["ray"]
 
 
 @pytest.fixture
@@ -317,7 +317,7 @@ def test_the_bench_runs_use_flags_that_bench_has(environ: dict[str, str], tmp_pa
     assert whole["argv"][whole["argv"].index("--n") + 1] == "1000"
 
 
-def test_notebooks_run_one_by_one_and_06_skips_without_ray(
+def test_notebooks_run_one_by_one_and_07_skips_without_ray(
     monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], tmp_path: Path
 ) -> None:
     ran: list[list[str]] = []
@@ -335,7 +335,7 @@ def test_notebooks_run_one_by_one_and_06_skips_without_ray(
     found = dict.fromkeys([*gc.NOTEBOOK_MODULES, "nvidia.dali"], True) | {"ray": False}
     monkeypatch.setattr(gc.Context, "python_json", lambda self, code, *args, **kw: dict(found))
     monkeypatch.setattr(gc, "run_command", fake_run)
-    s = gc.Settings.from_env(environ | {"GPU_CHECK_NOTEBOOKS": "05,06"})
+    s = gc.Settings.from_env(environ | {"GPU_CHECK_NOTEBOOKS": "05,07"})
     ctx = gc.Context(s, gc.Report(False), environ, time.monotonic() + 300)
     result = gc.StepResult("notebooks")
     gc.step_notebooks(ctx, result)
@@ -344,7 +344,7 @@ def test_notebooks_run_one_by_one_and_06_skips_without_ray(
     ]
     rows = {r["notebook"][:2]: r for r in result.numbers["notebooks"]}
     assert rows["05"]["status"] == "ok" and rows["05"]["cells"] == 1
-    assert rows["06"]["status"] == "skipped" and "ray not installed" in rows["06"]["message"]
+    assert rows["07"]["status"] == "skipped" and "ray not installed" in rows["07"]["message"]
     found["nbval"] = False  # no nbval on the machine: said, not crashed on
     missing = gc.StepResult("notebooks")
     gc.step_notebooks(ctx, missing)
