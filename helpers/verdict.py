@@ -6,9 +6,10 @@ A notebook that interprets a measurement prints one of these lines and its prose
     print(verdict.largest_stage(stages))  # "いちばん長い段階は「デコード」: 全体の 61 %"
 
 Two timings differ only when the ranges of their runs do not overlap **and** the ratio of their
-medians is further from 1 than the larger relative spread (half of (max - min) / median): on a
-noisy 2-core machine a 10 % difference with ±15 % spread is "揺れの範囲内"; medians further apart
-than the spread whose runs still overlap are "はっきりしない" (measure again, or more times).
+medians (or its inverse, when b is slower) is further from 1 than the larger relative spread
+(half of (max - min) / median): on a noisy 2-core machine a 10 % difference with ±15 % spread is
+"揺れの範囲内"; medians further apart than the spread whose runs still overlap are "はっきりしない"
+(measure again, or more times).
 A timing with a single run has no spread: the verdict says so and only calls a difference of
 :data:`SINGLE_RUN_FACTOR` or more.
 """
@@ -81,11 +82,12 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
     a_lo, a_hi = min(a.runs) / a.n_items, max(a.runs) / a.n_items
     b_lo, b_hi = min(b.runs) / b.n_items, max(b.runs) / b.n_items
     apart = b_hi < a_lo or a_hi < b_lo
-    differs = apart and abs(ratio - 1) > noise
+    far = max(ratio, 1 / ratio) - 1 > noise  # symmetric: 100x slower is as far as 100x faster
+    differs = apart and far
     ratio_text = f"速さの比 {b_name}/{a_name} = {ratio:.2f}"  # images/s: the inverse of the times' ratio
     if differs:
         text = f"{b_name} は {a_name} より{_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
-    elif abs(ratio - 1) > noise:  # the medians are far apart, but the runs' ranges overlap
+    elif far:  # the medians are far apart, but the runs' ranges overlap
         runs = min(len(a.runs), len(b.runs))
         text = (
             f"{b_name} と {a_name} の差ははっきりしない ({ratio_text}。"

@@ -53,6 +53,13 @@ def test_apart_but_smaller_than_the_spread_is_not_a_difference() -> None:
     assert not verdict.compare(a, b).differs
 
 
+def test_a_much_slower_b_is_a_difference_even_with_a_wide_spread() -> None:
+    # b is ~100 times slower, its runs spread ±50 %, a's ±100 %+: the ranges are far apart
+    a, b = _timing("a", 0.01, 0.005, 0.03), _timing("b", 1.0, 0.6, 1.6)
+    v = verdict.compare(a, b)
+    assert v.differs and "倍遅い" in str(v) and v.ratio < 0.02
+
+
 def test_a_single_run_says_so_and_needs_a_large_factor() -> None:
     one, other = _timing("a", 1.0), _timing("b", 0.9)
     v = verdict.compare(one, other)
