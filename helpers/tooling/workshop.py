@@ -142,7 +142,7 @@ def rounded_up(minutes: float, step: int = 5) -> int:
 
 @dataclass(frozen=True)
 class Slot:
-    """One row of the guide's timetable: ``| 0:10–0:55 | 内容 | 01 | 1〜6 節 | …``."""
+    """One row of the guide's timetable: ``| 0:10–0:55 | 内容 | 01 | 1〜6 節 | …`` (or ``全体``, ``1 節``)."""
 
     start: int
     end: int
@@ -156,7 +156,7 @@ class Slot:
 
 
 _ROW = re.compile(r"^\| (\d+):(\d\d)[–-](\d+):(\d\d) \|(.*)$")
-_RANGE = re.compile(r"\| (\d\d) \| (全体|1〜(\d+) 節) \|")
+_RANGE = re.compile(r"\| (\d\d) \| (全体|1 節|1〜(\d+) 節) \|")
 
 
 def timetable(guide: str, heading: str) -> list[Slot]:
@@ -173,7 +173,8 @@ def timetable(guide: str, heading: str) -> list[Slot]:
         found = _RANGE.search(rest)
         excerpt = None
         if found:
-            excerpt = Excerpt(found.group(1), int(found.group(3)) if found.group(3) else None)
+            last = 1 if found.group(2) == "1 節" else int(found.group(3)) if found.group(3) else None
+            excerpt = Excerpt(found.group(1), last)
         slots.append(Slot(int(h1) * 60 + int(m1), int(h2) * 60 + int(m2), excerpt, line))
     return slots
 
