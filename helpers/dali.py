@@ -12,6 +12,8 @@ normalises them exactly the way the model's own processor does, and hands float3
 
 :func:`iter_preprocessed` is the robust form for folders of arbitrary files (used by
 ``helpers.engines``): every file gets its pixels or its own error, odd files go through PIL.
+:func:`training_pipeline` is notebook 04's training and validation pipeline for a small CNN
+(shuffling, random crops and flips; every file exactly once per epoch).
 
 Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is the
 spec's (:meth:`~helpers.models.PreprocessSpec.geometry`): :func:`iter_preprocessed` computes every
@@ -43,7 +45,7 @@ import torch
 from PIL import Image
 
 from helpers import data, env
-from helpers.models import PreprocessSpec
+from helpers.models import CLIP_MEAN, CLIP_STD, PreprocessSpec
 from helpers.reading import read_pixels
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ __all__ = [
     "DALI_MODES",
     "OUTPUT_MAP",
     "READER_NAME",
+    "TRAIN_OUTPUTS",
     "DaliUnavailableError",
     "DecoderKnobs",
     "Device",
@@ -69,6 +72,7 @@ __all__ = [
     "preprocess_images",
     "route",
     "route_reason",
+    "training_pipeline",
 ]
 
 Device = Literal["cpu", "gpu"]
@@ -279,6 +283,23 @@ def decode_and_preprocess(
     return preprocess_images(images, spec, geometry)
 
 
+def _reader_source(source: str | Path | Sequence[str | Path], labels: Sequence[int] | None) -> dict[str, Any]:
+    """``fn.readers.file`` arguments for a folder (``file_root``: one sub-folder per class) or a file list."""
+    if isinstance(source, str | Path):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"画像フォルダーが見つかりません: {folder}")
+        return {"file_root": str(folder)}
+    files = [str(p) for p in source]
+    if not files:
+        raise ValueError("no files given")
+    if labels is None:
+        return {"files": files}
+    if len(labels) != len(files):
+        raise ValueError("labels and files differ in length")
+    return {"files": files, "labels": [int(x) for x in labels]}
+
+
 def build_pipeline(
     source: str | Path | Sequence[str | Path],
     spec: PreprocessSpec,
@@ -313,21 +334,11 @@ def build_pipeline(
     import nvidia.dali.fn as fn
     from nvidia.dali import pipeline_def
 
-    reader_args: dict[str, Any] = {"name": READER_NAME, "random_shuffle": False}
-    if isinstance(source, str | Path):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise NotADirectoryError(f"画像フォルダーが見つかりません: {folder}")
-        reader_args["file_root"] = str(folder)
-    else:
-        files = [str(p) for p in source]
-        if not files:
-            raise ValueError("no files given")
-        reader_args["files"] = files
-        if labels is not None:
-            if len(labels) != len(files):
-                raise ValueError("labels and files differ in length")
-            reader_args["labels"] = [int(x) for x in labels]
+    reader_args: dict[str, Any] = {
+        "name": READER_NAME,
+        "random_shuffle": False,
+        **_reader_source(source, labels),
+    }
     device_id = torch.cuda.current_device() if device == "gpu" else None
 
     @pipeline_def(
@@ -351,6 +362,84 @@ def build_pipeline(
         return pixels, file_labels
 
     return clip_pipeline()
+
+
+TRAIN_OUTPUTS = ["images", "labels"]
+"""The outputs of :func:`training_pipeline`, in order (for ``DALIGenericIterator``)."""
+
+
+def training_pipeline(
+    source: str | Path | Sequence[str | Path],
+    batch_size: int,
+    decoder: Literal["cpu", "mixed"] = "cpu",
+    *,
+    augment: bool = True,
+    size: int = 64,
+    area: tuple[float, float] = (0.75, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    labels: Sequence[int] | None = None,
+    num_threads: int = 2,
+    **pipeline_options: Any,
+) -> Pipeline:
+    """A training (``augment=True``) or validation pipeline for a small CNN, outputs :data:`TRAIN_OUTPUTS`.
+
+    ノートブック 04 の第 2 節 (ソースを表示して教える; 第 4〜6 節で使う).
+
+    Training: shuffled order, a random crop of ``area`` of the picture at an aspect ratio in
+    ``ratio``, resized to ``size``², flipped left-right half of the time. Validation: the file
+    order, shorter side to ``size``, centre crop. Both normalise with ``mean``/``std`` (0-1
+    scale) into float32 ``[B, 3, size, size]`` and give labels as int32 ``[B, 1]``. ``source``
+    and ``labels`` as in :func:`build_pipeline` (a folder: one sub-folder per class). ``decoder``
+    ``"mixed"`` decodes on the GPU and runs every later operator there (GPU tensors out); ``"cpu"``
+    runs all on the CPU with ``device_id=None``. With ``DALIGenericIterator(...,
+    reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)`` every
+    epoch gives every file exactly once: ``pad_last_batch=True`` fills the last batch with copies
+    that the iterator drops, instead of files of the next epoch, which with shuffling (by
+    ``random_shuffle`` or ``shuffle_after_epoch``) made later epochs miss some files and repeat
+    others (tests/test_dali_epoch.py).
+    """
+    if decoder not in ("cpu", "mixed"):
+        raise ValueError(f'decoder must be "cpu" or "mixed", got {decoder!r}')
+    _require("gpu" if decoder == "mixed" else "cpu")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    device = "gpu" if decoder == "mixed" else "cpu"  # デコーダーが GPU なら、後の演算子も GPU
+    reader_args = _reader_source(source, labels)
+    normalize = {"dtype": types.FLOAT, "output_layout": "CHW", "device": device}
+    normalize |= {"mean": [m * 255 for m in mean], "std": [s * 255 for s in std]}  # DALI は 0〜255 の尺度
+    device_id = torch.cuda.current_device() if device == "gpu" else None
+
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, **pipeline_options
+    )
+    def cnn_pipeline():
+        jpegs, labels = fn.readers.file(
+            **reader_args,
+            name=READER_NAME,
+            random_shuffle=augment,  # 学習: 読む順をシャッフル (フォルダーはクラス順)
+            pad_last_batch=True,  # 最後のバッチの空きを次のエポックの画像で埋めない
+        )
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        if augment:
+            images = fn.random_resized_crop(
+                images, device=device, size=(size, size), random_area=area, random_aspect_ratio=ratio
+            )
+            flip = fn.random.coin_flip(probability=0.5)  # 1 枚ごとに 0 か 1
+            images = fn.crop_mirror_normalize(images, mirror=flip, **normalize)
+        else:
+            images = fn.resize(images, device=device, resize_shorter=size)
+            images = fn.crop_mirror_normalize(images, crop=(size, size), **normalize)
+        if device == "gpu":
+            labels = labels.gpu()
+        return images, labels
+
+    return cnn_pipeline()
 
 
 # ---------------------------------------------------------------- a picklable per-sample source
