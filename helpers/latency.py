@@ -7,6 +7,7 @@ one call be?": the first call, p90/p99 and the worst call, which a median hides.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,16 @@ class Latency:
             raise ValueError(f"skip must be in [0, {len(self.samples)}), got {skip}")
         return Latency(self.name, self.samples[skip:])
 
+    def slowest(self, share: float = 0.1) -> Latency:
+        """The slowest ``share`` of the calls (at least 2, so a verdict can see their spread): the tail.
+
+        Notebook 05 section 1.4 compares the tails of two variants with ``helpers.verdict.compare``.
+        """
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        k = min(len(self.samples), max(2, math.ceil(len(self.samples) * share)))
+        return Latency(self.name, tuple(sorted(self.samples)[-k:]))
+
     def row(self) -> dict[str, float | int | str]:
         """Name, number of calls, p50/p90/p99/max in milliseconds and max/p50."""
         row: dict[str, float | int | str] = {"name": self.name, "calls": len(self.samples)}
@@ -90,6 +101,6 @@ def to_markdown(latencies: Sequence[Latency]) -> str:
         r = lat.row()
         lines.append(
             f"| {r['name']} | {r['calls']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-            f"{r['p99_ms']:.3f} | {r['max_ms']:.3f} | {r['max_over_p50']:.1f}× |"
+            f"{r['p99_ms']:.3f} | {r['max_ms']:.3f} | {r['max_over_p50']:.1f} 倍 |"
         )
     return "\n".join(lines)

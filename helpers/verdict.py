@@ -69,11 +69,11 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
         if differs:
             text = (
                 f"{b_name} は {a_name} より{_ratio_words(ratio)}"
-                f" (1 回だけの測定で揺れは分からないが、{SINGLE_RUN_FACTOR} 倍を超える差)"
+                f" (1 回だけの測定で揺れは分からないが、{SINGLE_RUN_FACTOR} 倍以上の差)"
             )
         else:
             text = (
-                f"{b_name} と {a_name} に {SINGLE_RUN_FACTOR} 倍を超える差はない"
+                f"{b_name} と {a_name} に {SINGLE_RUN_FACTOR} 倍以上の差はない"
                 f" (速さの比 {b_name}/{a_name} = {ratio:.2f}、1 回だけの測定で揺れは分からない)"
             )
         return Verdict(text, ratio, differs, float("nan"))

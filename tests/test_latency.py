@@ -58,6 +58,16 @@ def test_markdown_has_one_line_per_variant() -> None:
     lines = text.splitlines()
     assert len(lines) == 4 and lines[0].startswith("| 方式 |")
     assert lines[3].startswith("| b | 1 | 4.000 |")
+    assert lines[2].endswith("| 2.000 | 1.3 倍 |")  # max/p50 in 倍, as STYLE.md writes ratios
+
+
+def test_slowest_keeps_the_tail() -> None:
+    lat = Latency("x", tuple(float(i) for i in range(1, 31)))  # 30 calls: 1 .. 30 s
+    assert lat.slowest(0.1).samples == (28.0, 29.0, 30.0) and lat.slowest().name == "x"
+    assert lat.slowest(0.01).samples == (29.0, 30.0)  # never fewer than 2
+    assert Latency("one", (1.0,)).slowest().samples == (1.0,)
+    with pytest.raises(ValueError):
+        lat.slowest(0)
 
 
 def test_histogram_draws_one_series_per_variant(tmp_path) -> None:
