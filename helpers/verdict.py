@@ -68,7 +68,7 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
         differs = ratio >= SINGLE_RUN_FACTOR or ratio <= 1 / SINGLE_RUN_FACTOR
         if differs:
             text = (
-                f"{b_name} は {a_name} より{_ratio_words(ratio)}"
+                f"{b_name} は {a_name} より {_ratio_words(ratio)}"
                 f" (1 回だけの測定で揺れは分からないが、{SINGLE_RUN_FACTOR} 倍以上の差)"
             )
         else:
@@ -86,7 +86,7 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
     differs = apart and far
     ratio_text = f"速さの比 {b_name}/{a_name} = {ratio:.2f}"  # images/s: the inverse of the times' ratio
     if differs:
-        text = f"{b_name} は {a_name} より{_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
+        text = f"{b_name} は {a_name} より {_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
     elif far:  # the medians are far apart, but the runs' ranges overlap
         runs = min(len(a.runs), len(b.runs))
         text = (

@@ -19,7 +19,7 @@ def test_a_clear_difference_is_called_with_its_ratio_and_noise() -> None:
     a, b = _timing("a", 1.0, 1.02, 0.98), _timing("b", 0.13, 0.131, 0.129)
     v = verdict.compare(a, b)
     assert v.differs and v.ratio == pytest.approx(1.0 / 0.13)
-    assert str(v) == "b は a より7.7 倍速い (揺れ ±2 % を超える差)"
+    assert str(v) == "b は a より 7.7 倍速い (揺れ ±2 % を超える差)"
     slower = verdict.compare(b, a)
     assert slower.differs and "7.7 倍遅い" in str(slower)
 
@@ -70,7 +70,7 @@ def test_a_single_run_says_so_and_needs_a_large_factor() -> None:
 
 def test_labels_override_the_names() -> None:
     v = verdict.compare(_timing("long name a", 1.0, 1.0), _timing("long name b", 0.5, 0.5), "e", "g")
-    assert str(v).startswith("g は e より2.0 倍速い")
+    assert str(v).startswith("g は e より 2.0 倍速い")
 
 
 def test_largest_stage() -> None:
