@@ -23,8 +23,14 @@ every file is ok, 2 when some files had errors (all rows still written), 1 on us
 
 ``--engine ray`` runs the same job on Ray Data (:mod:`helpers.engines_ray`): embedded on this
 machine, or on the cluster at ``--ray-address`` (else ``$RAY_ADDRESS``, read only with
-``--engine ray``); same CSV, same exit statuses. ``--embeddings OUT.parquet`` also writes the
-image embeddings (:mod:`helpers.embeddings`), searchable with ``python -m helpers.search``.
+``--engine ray``); same CSV, same exit statuses. There the workers write the rows (and embeddings)
+as Parquet shards under ``OUT.parts/`` and the driver receives none; at the end the CSV (and the
+embeddings) are merged from the shards in sorted order (:mod:`helpers.parts`) and ``OUT.parts/`` is
+removed. ``--resume`` skips the paths found in the shards of a run that was stopped and in a
+finished CSV. With ``--engine ray`` the images may also be a ``s3://``, ``gs://`` or ``file://``
+URI (listed and read through ``pyarrow.fs``). ``--embeddings OUT.parquet`` also writes the image
+embeddings (:mod:`helpers.embeddings`), searchable with ``python -m helpers.search``; with
+``--engine ray`` a name not ending in ``.parquet`` is a directory of Parquet shards.
 """
 
 from __future__ import annotations
@@ -34,18 +40,25 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from helpers import embeddings, engines
-from helpers.data import ImageListing, scan_images
+from helpers import embeddings, engines, parts, zeroshot
+from helpers.data import IMAGE_EXTENSIONS, ImageListing, scan_images
 from helpers.engines import Record
 from helpers.models import ClipModel, add_loading_options
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 NONE_LABEL = "none"
 """``label_1`` of an image whose best raw cosine similarity is below ``--min-score``."""
@@ -68,6 +81,40 @@ def find_inputs(root: Path, recursive: bool = False) -> Inputs:
         return scan_images(root, recursive)
     except NotADirectoryError as err:
         raise UsageError(str(err)) from None
+
+
+def is_uri(text: str | Path) -> bool:
+    """True for ``s3://…``, ``gs://…``, ``file://…`` and other URIs (not for local paths)."""
+    return "://" in str(text)
+
+
+def find_uri_inputs(uri: str, recursive: bool = False) -> tuple[list[str], list[str], int]:
+    """(file URIs, their ``/`` paths relative to ``uri``, count of non-images) of a folder URI, sorted.
+
+    Listed through ``pyarrow.fs`` (``s3://``, ``gs://``, ``file://``...); the URIs are
+    percent-encoded (spaces, Japanese names). Only what the store lists as a file counts (a dangling
+    symbolic link of a ``file://`` folder is not listed).
+    """
+    from urllib.parse import quote
+
+    import pyarrow.fs
+
+    try:
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(inner, recursive=recursive))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"画像フォルダー {uri} を一覧できません ({type(err).__name__}: {err})") from None
+    scheme = uri.split("://", 1)[0]
+    listed, skipped = [], 0
+    for info in found:
+        if info.type != pyarrow.fs.FileType.File:
+            continue
+        if Path(info.path).suffix.lower() in IMAGE_EXTENSIONS:
+            listed.append((info.path[len(inner) :].lstrip("/"), f"{scheme}://{quote(info.path)}"))
+        else:
+            skipped += 1
+    listed.sort()
+    return [u for _, u in listed], [n for n, _ in listed], skipped
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -153,20 +200,9 @@ def sidecar_path(out: Path) -> Path:
 
 def rows_done(out: Path, settings: RunSettings) -> dict[str, dict[str, str]]:
     """Rows already in ``out`` (by path) when resuming; refuses different settings."""
-    side = sidecar_path(out)
     if not out.exists():
         return {}
-    if not side.exists():
-        raise UsageError(
-            f"{out} の設定ファイル {side.name} がないので再開できません (--resume を外すか別の --out に)"
-        )
-    saved = json.loads(side.read_text(encoding="utf-8"))
-    for key, value in settings.comparable().items():
-        if saved.get(key) != value:
-            raise UsageError(
-                f"--resume できません: {key} が前回と違います (前回 {saved.get(key)!r}, 今回 {value!r})。"
-                " 同じ設定で実行するか、別の --out に書いてください"
-            )
+    _check_sidecar(out, settings)
     with open(out, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames != csv_header(settings.top_k):
@@ -206,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m helpers.classify",
         description="画像フォルダーを日本語 CLIP でゼロショット分類し、CSV に書き出します。",
     )
-    parser.add_argument("images_dir", type=Path, help="画像のフォルダー")
+    parser.add_argument(
+        "images_dir", help="画像のフォルダー (--engine ray なら s3://, gs://, file:// の URI も可)"
+    )
     parser.add_argument("--labels", help="カンマ区切りのラベル (例: 犬,猫,象)")
     parser.add_argument("--labels-file", type=Path, help="1 行に 1 ラベルのファイル (# で始まる行は無視)")
     parser.add_argument(
@@ -232,9 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="--engine ray で参加する Ray クラスター (既定: $RAY_ADDRESS、なければこのマシンで起動)",
     )
     parser.add_argument(
+        "--ray-stats",
+        action="store_true",
+        help="--engine ray: Ray Data の段ごとの時間 (Dataset.stats()) を stderr に",
+    )
+    parser.add_argument(
         "--workers", type=int, default=None, help="DataLoader のワーカー数 (--engine ray では前処理タスク数)"
     )
-    parser.add_argument("--embeddings", help="画像の埋め込みも Parquet に書く (helpers.search で検索できる)")
+    parser.add_argument(
+        "--embeddings",
+        help="画像の埋め込みも Parquet に書く (helpers.search で検索できる。--engine ray では"
+        " .parquet で終わらない名前は Parquet シャードのフォルダー)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results.csv"))
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--recursive", action="store_true", help="サブフォルダーも含める")
@@ -259,13 +306,24 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--ray-address は --engine ray と一緒に指定してください")
     labels = read_labels(args.labels, args.labels_file)
     templates = check_templates(args.template or ["{}"])
-    inputs = find_inputs(args.images_dir, args.recursive)
+    if is_uri(args.images_dir):
+        if args.engine != "ray":
+            raise UsageError(
+                f"URI の入力 ({args.images_dir}) は --engine ray だけで読めます:"
+                " ローカルのフォルダーを指定するか --engine ray を付けてください"
+            )
+        uris, uri_names, uri_skipped = find_uri_inputs(args.images_dir, args.recursive)
+        inputs = ImageListing(Path("."), [Path(u) for u in uris], uri_skipped)
+    else:
+        inputs = find_inputs(Path(args.images_dir), args.recursive)
+        uris, uri_names = [], []
     if not inputs.files:
         raise UsageError(
             f"{args.images_dir} に画像がありません (拡張子 jpg/jpeg/png/webp/bmp/gif/tif/tiff"
             f"{'、サブフォルダーは --recursive で' if not args.recursive else ''})"
         )
-    files = shard(inputs.files, *parse_shard(args.shard))
+    shard_index, shard_count = parse_shard(args.shard)
+    files = shard(inputs.files, shard_index, shard_count)
 
     backend = engines.resolve_backend(args.backend)
     print(engines.backend_notice(args.backend), file=sys.stderr)
@@ -281,6 +339,14 @@ def run(args: argparse.Namespace) -> int:
         args.min_score,
         "exact" if args.exact_decode else "at size",
     )
+    if args.engine == "ray":
+        names = (
+            shard(uri_names, shard_index, shard_count)
+            if uris
+            else [p.relative_to(inputs.root).as_posix() for p in files]
+        )
+        locations = shard(uris, shard_index, shard_count) if uris else [str(p) for p in files]
+        return _run_on_ray(args, model, settings, locations, names, inputs.skipped, backend)
     done = rows_done(args.out, settings) if args.resume else {}
     if args.embeddings and done:  # rows whose embedding is not stored yet are done again
         have = _paths_with_embeddings(args.embeddings, model.fingerprint)
@@ -290,14 +356,7 @@ def run(args: argparse.Namespace) -> int:
     classifier = model.label_features(labels, templates)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = {
-        **asdict(settings),
-        "scoring_rule": f"{model.scoring.describe()} ({model.scoring.source})",
-        "checked": not args.no_check and model.kind != "random",
-    }
-    sidecar_path(args.out).write_text(
-        json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    _write_sidecar(args, model, settings)
     header = csv_header(args.top_k)
     counts = {"ok": sum(r["status"] == "ok" for r in done.values()), "error": 0}
     counts["error"] = len(done) - counts["ok"]
@@ -345,10 +404,268 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(len(records))
             seconds = time.perf_counter() - start  # the last row is written
     _sort_csv(args.out, header)
+    return _report(counts, inputs.skipped, len(todo), seconds, model, args, fallbacks)
+
+
+@dataclass(frozen=True)
+class Labeller:
+    """The label columns of the CSV for a batch of embeddings, computed where the embeddings are
+    (a Ray worker): the same rule as the local engine's rows (top-k by the model's scoring rule;
+    ``none`` below ``min_score``)."""
+
+    labels: tuple[str, ...]
+    classifier: np.ndarray
+    """float32 [labels, D]: the label features."""
+    scoring: zeroshot.Scoring
+    top_k: int
+    min_score: float | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return [c for i in range(1, self.top_k + 1) for c in (f"label_{i}", f"prob_{i}")]
+
+    def __call__(self, vectors: np.ndarray, ok: np.ndarray) -> dict[str, list[str]]:
+        """``{label_1: [...], prob_1: [...], ...}``, one string per row ("" where there is none)."""
+        n = len(ok)
+        out = {c: [""] * n for c in self.columns}
+        rows = np.flatnonzero(ok)
+        if not len(rows):
+            return out
+        features = torch.from_numpy(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+        classifier = torch.from_numpy(self.classifier)
+        best_cosine = (features @ classifier.T).max(dim=1).values
+        top = zeroshot.probabilities(features, classifier, self.scoring).topk(
+            min(self.top_k, len(self.labels))
+        )
+        for j, row in enumerate(rows.tolist()):
+            if self.min_score is not None and float(best_cosine[j]) < self.min_score:
+                out["label_1"][row] = NONE_LABEL
+                continue
+            for rank, (p, i) in enumerate(
+                zip(top.values[j].tolist(), top.indices[j].tolist(), strict=True), 1
+            ):
+                out[f"label_{rank}"][row] = self.labels[i]
+                out[f"prob_{rank}"][row] = f"{p:.4f}"
+        return out
+
+
+def _run_on_ray(
+    args: argparse.Namespace,
+    model: ClipModel,
+    settings: RunSettings,
+    locations: list[str],
+    names: list[str],
+    skipped: int,
+    backend: str,
+) -> int:
+    """``--engine ray``: the workers write shards to ``OUT.parts/``; the driver merges them at the end.
+
+    The driver holds the file list and sets of paths (what is done), never a result row or an
+    embedding while the job runs; the merge streams bucket by bucket (:func:`helpers.parts.sorted_merge`).
+    """
+    from helpers import engines_ray
+
+    shards = parts.parts_dir(args.out)
+    old_csv, old_embeddings = False, False
+    if args.resume:
+        csv_done = set(rows_done(args.out, settings))
+        if shards.is_dir() and not args.out.exists():
+            _check_sidecar(args.out, settings)
+        try:
+            found = parts.scan(shards, model.fingerprint)
+        except embeddings.ModelMismatchError as err:
+            raise UsageError(f"--resume できません: {err}。別の --out に書いてください") from None
+        if found.removed:
+            print(
+                f"途中で切れたシャード {len(found.removed)} 個を消しました (そのファイルはやり直します)",
+                file=sys.stderr,
+            )
+        if args.embeddings:
+            have = _paths_with_embeddings(args.embeddings, model.fingerprint)
+            old_embeddings = bool(have)
+            done = {p for p in csv_done if p in have} | found.with_embeddings
+        else:
+            done = csv_done | found.done
+        old_csv = bool(csv_done)
+    else:
+        done = set()
+        if shards.exists():
+            shutil.rmtree(shards)
+            print(
+                f"前回の途中結果 {shards} を消して最初からやり直します (続きからなら --resume)",
+                file=sys.stderr,
+            )
+    todo = [(loc, name) for loc, name in zip(locations, names, strict=True) if name not in done]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _write_sidecar(args, model, settings)
+    labeller = Labeller(
+        tuple(settings.labels),
+        model.label_features(settings.labels, settings.templates).float().cpu().numpy(),
+        model.scoring,
+        settings.top_k,
+        settings.min_score,
+    )
+    fallbacks = _dali_fallbacks() if backend == "dali" else None
+    start = time.perf_counter()  # the first batch request: loading and check() are not counted
+    ray_stats = engines_ray.RunStats()
+    if todo:  # Ray Data's writer makes OUT.parts/
+        engines_ray.write_parts(
+            model,
+            [loc for loc, _ in todo],
+            [name for _, name in todo],
+            shards,
+            formatter=labeller,
+            with_embeddings=bool(args.embeddings),
+            backend=backend,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            address=args.ray_address,
+            run_check=not args.no_check,
+            trust_remote_code=args.trust_remote_code,
+            exact_decode=args.exact_decode,
+            stats=ray_stats,
+        )
+        if args.ray_stats:
+            print(ray_stats.ray_stats, file=sys.stderr)
+    listing = sorted(names)
+    if args.embeddings:
+        _merge_embeddings(args.embeddings, model, shards, listing, old_embeddings)
+    header = csv_header(args.top_k)
+    counts = _merge_csv(args.out, header, shards, listing, old_csv, fallbacks)
+    seconds = time.perf_counter() - start  # the last row is written
+    shutil.rmtree(shards, ignore_errors=True)
+    return _report(counts, skipped, len(todo), seconds, model, args, fallbacks)
+
+
+def _check_sidecar(out: Path, settings: RunSettings) -> None:
+    """Refuse to resume shards made with other settings (the sidecar of ``out`` records them)."""
+    side = sidecar_path(out)
+    if not side.exists():
+        raise UsageError(
+            f"{out} の設定ファイル {side.name} がないので再開できません (--resume を外すか別の --out に)"
+        )
+    saved = json.loads(side.read_text(encoding="utf-8"))
+    for key, value in settings.comparable().items():
+        if saved.get(key) != value:
+            raise UsageError(
+                f"--resume できません: {key} が前回と違います (前回 {saved.get(key)!r}, 今回 {value!r})。"
+                " 同じ設定で実行するか、別の --out に書いてください"
+            )
+
+
+def _write_sidecar(args: argparse.Namespace, model: ClipModel, settings: RunSettings) -> None:
+    sidecar = {
+        **asdict(settings),
+        "scoring_rule": f"{model.scoring.describe()} ({model.scoring.source})",
+        "checked": not args.no_check and model.kind != "random",
+    }
+    sidecar_path(args.out).write_text(
+        json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def _csv_tables(out: Path, header: list[str], chunk_rows: int = 8192) -> Iterator[pa.Table]:
+    """The complete rows of an existing CSV, as string tables of ≤ ``chunk_rows`` rows."""
+    import pyarrow as pa
+
+    schema = pa.schema([pa.field(c, pa.string()) for c in header])
+    with open(out, encoding="utf-8", newline="") as handle:
+        chunk: list[dict[str, str]] = []
+        for row in csv.DictReader(handle):
+            if row.get("status") in {"ok", "error"}:
+                chunk.append({c: row.get(c) or "" for c in header})
+            if len(chunk) >= chunk_rows:
+                yield pa.Table.from_pylist(chunk, schema=schema)
+                chunk = []
+        if chunk:
+            yield pa.Table.from_pylist(chunk, schema=schema)
+
+
+def _merge_csv(
+    out: Path, header: list[str], shards: Path, listing: list[str], old_csv: bool, fallbacks
+) -> dict[str, int]:
+    """Write ``out`` (atomically) from the old CSV's rows and the shards, sorted; returns the counts."""
+    import pyarrow as pa
+
+    from helpers import engines_ray
+
+    schema = pa.schema([pa.field(c, pa.string()) for c in [*header, "decoder"]])
+    sources = [_csv_tables(out, header)] if old_csv else []
+    sources.append(parts.shard_tables(shards, schema.names))
+    counts = {"ok": 0, "error": 0}
+    tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+            writer.writeheader()
+            merged = parts.sorted_merge(sources, schema, listing, shards / "_merge")
+            for batch in (b for table in merged for b in table.to_batches(max_chunksize=2048)):
+                for row in batch.to_pylist():
+                    counts[row["status"]] += 1
+                    if fallbacks is not None and row["decoder"]:
+                        engines_ray.count_decoder(fallbacks, row["decoder"])
+                    writer.writerow({k: v or "" for k, v in row.items()})
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return counts
+
+
+def _merge_embeddings(target: str, model: ClipModel, shards: Path, listing: list[str], old: bool) -> None:
+    """Write ``--embeddings`` from its old rows (``--resume``) and the shards: a sorted ``.parquet``
+    file, or a directory of sorted shards (one per merge bucket; old shards removed after)."""
+    schema = embeddings.schema(model.name, model.fingerprint)
+    columns = ["path", "status", "embedding"]
+    sources = [_embedding_tables(target)] if old else []
+    sources.append(parts.shard_tables(shards, columns, require=["embedding"]))
+    merged = parts.sorted_merge(sources, schema, listing, shards / "_merge_embeddings")
+    if target.endswith(".parquet"):
+        with embeddings.EmbeddingsWriter(target, model.name, model.fingerprint) as writer:
+            for table in merged:
+                writer.write_table(table)
+        return
+    filesystem, inner = embeddings.filesystem_of(target)
+    filesystem.create_dir(inner, recursive=True)
+    before = embeddings.files_of(target)[1] if old or _has_parquet(target) else []
+    run = uuid.uuid4().hex[:8]
+    for i, table in enumerate(merged):
+        with embeddings.EmbeddingsWriter(
+            f"{target.rstrip('/')}/part-{i:05d}-{run}.parquet", model.name, model.fingerprint
+        ) as writer:
+            writer.write_table(table)
+    for path in before:
+        filesystem.delete_file(path)
+
+
+def _has_parquet(target: str) -> bool:
+    try:
+        embeddings.files_of(target)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _embedding_tables(target: str, chunk_rows: int = 8192) -> Iterator[pa.Table]:
+    """The rows of an existing embeddings file or directory, chunk by chunk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, files = embeddings.files_of(target)
+    for inner in files:
+        with filesystem.open_input_file(inner) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(
+                batch_size=chunk_rows, columns=["path", "status", "embedding"]
+            ):
+                yield pa.Table.from_batches([batch])
+
+
+def _report(counts, skipped, done_now, seconds, model, args, fallbacks) -> int:
+    """Print the summary line (the last stdout line); return the exit status."""
     total = counts["ok"] + counts["error"]
-    rate = len(todo) / seconds if seconds > 0 else 0.0
-    skipped = f", {inputs.skipped} skipped (not images)" if inputs.skipped else ""
-    summary = f"{total} files: {counts['ok']} ok, {counts['error']} errors{skipped}"
+    rate = done_now / seconds if seconds > 0 else 0.0
+    skipped_note = f", {skipped} skipped (not images)" if skipped else ""
+    summary = f"{total} files: {counts['ok']} ok, {counts['error']} errors{skipped_note}"
     unchecked = ", not checked (--no-check)" if args.no_check and model.kind != "random" else ""
     if fallbacks is not None and fallbacks.pil:
         print(f"DALI の代わりに PIL でデコードしたファイル: {fallbacks.describe()}", file=sys.stderr)

@@ -9,7 +9,9 @@ Columns (one row per input file):
 File metadata: ``model_name`` (what :func:`helpers.models.load_clip` loads) and
 ``model_fingerprint`` (:attr:`helpers.models.ClipModel.fingerprint`, a hash of config + weights),
 so a reader can refuse to compare embeddings made by another model. Paths may be local or any
-URI pyarrow understands (``s3://bucket/emb.parquet``)::
+URI pyarrow understands (``s3://bucket/emb.parquet``), and every reader also takes a **directory of
+Parquet shards** (what ``classify --engine ray --embeddings DIR`` writes): its ``*.parquet`` files,
+in name order, all from one model::
 
     with EmbeddingsWriter("emb.parquet", model.name, model.fingerprint, root=folder) as writer:
         for records in engines.iter_embeddings(model, paths):
@@ -40,6 +42,9 @@ __all__ = [
     "EmbeddingsInfo",
     "EmbeddingsWriter",
     "ModelMismatchError",
+    "embedding_array",
+    "files_of",
+    "filesystem_of",
     "iter_chunks",
     "paths_with_embeddings",
     "read_embeddings",
@@ -70,7 +75,7 @@ def schema(model_name: str, model_fingerprint: str) -> pa.Schema:
     )
 
 
-def _filesystem(where: str | Path):
+def filesystem_of(where: str | Path):
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
     import pyarrow.fs
 
@@ -80,17 +85,53 @@ def _filesystem(where: str | Path):
     return pyarrow.fs.LocalFileSystem(), str(Path(text).resolve())
 
 
+def files_of(where: str | Path) -> tuple[object, list[str]]:
+    """(pyarrow filesystem, Parquet files): ``where`` itself, or the ``*.parquet`` files of a directory.
+
+    Raises ``FileNotFoundError`` when ``where`` does not exist or is a directory without Parquet files.
+    """
+    import pyarrow.fs
+
+    filesystem, inner = filesystem_of(where)
+    kind = filesystem.get_file_info(inner).type
+    if kind == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(str(where))
+    if kind != pyarrow.fs.FileType.Directory:
+        return filesystem, [inner]
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False))
+    files = sorted(
+        f.path for f in found if f.type == pyarrow.fs.FileType.File and f.path.endswith(".parquet")
+    )
+    if not files:
+        raise FileNotFoundError(f"{where} (Parquet ファイルのないフォルダー)")
+    return filesystem, files
+
+
+def embedding_array(vectors: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """The ``embedding`` column for ``vectors`` [n, D]: float16 lists, null where ``ok`` is False."""
+    import pyarrow as pa
+
+    ok = np.asarray(ok, dtype=bool)
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    offsets = np.zeros(len(ok) + 1, dtype=np.int32)
+    np.cumsum(np.where(ok, dim, 0), out=offsets[1:])
+    values = np.ascontiguousarray(vectors[ok], dtype=np.float16).reshape(-1)
+    mask = pa.array(~ok, type=pa.bool_())
+    array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float16()), mask=mask)
+    return array.cast(pa.list_(pa.field("element", pa.float16())))
+
+
 def _table(rows: Sequence[tuple[str, str, np.ndarray | None]], target: pa.Schema) -> pa.Table:
     """A table of ``(path, status, embedding or None)`` rows."""
     import pyarrow as pa
 
-    lengths = [0 if e is None else len(e) for _, _, e in rows]
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    good = [np.asarray(e, dtype=np.float16) for _, _, e in rows if e is not None]
-    values = np.concatenate(good) if good else np.zeros(0, dtype=np.float16)
-    mask = pa.array([e is None for _, _, e in rows], type=pa.bool_())
-    embedding = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float16()), mask=mask)
+    ok = np.array([e is not None for _, _, e in rows], dtype=bool)
+    dim = next((len(e) for _, _, e in rows if e is not None), 0)
+    vectors = np.zeros((len(rows), dim), dtype=np.float16)
+    for i, (_, _, e) in enumerate(rows):
+        if e is not None:
+            vectors[i] = e
+    embedding = embedding_array(vectors, ok)
     return pa.Table.from_arrays(
         [pa.array([p for p, _, _ in rows], pa.string()), pa.array([s for _, s, _ in rows], pa.string()),
          embedding.cast(target.field("embedding").type)],
@@ -131,7 +172,7 @@ class EmbeddingsWriter:
                     f"{self.out} の埋め込みは別のモデル ({info.model_name}, {info.model_fingerprint}) で"
                     f"作られています (今回 {model_name}, {model_fingerprint})"
                 )
-        self._fs, inner = _filesystem(self.out)
+        self._fs, inner = filesystem_of(self.out)
         self._final = inner
         self._tmp = f"{inner}.{uuid.uuid4().hex[:8]}.tmp"
         if "://" not in self.out:
@@ -159,6 +200,11 @@ class EmbeddingsWriter:
             rows.append((name, "ok" if ok else "error", vector))
         self._writer.write_table(_table(rows, self.schema))
         self.rows += len(rows)
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append the rows of a ``path, status, embedding`` table (e.g. merged from shards)."""
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+        self.rows += table.num_rows
 
     def close(self) -> str:
         """Finish the file and move it to ``out`` (merging carried-over rows); returns ``out``."""
@@ -228,15 +274,9 @@ class EmbeddingsInfo:
     rows: int
 
 
-def read_info(path: str | Path) -> EmbeddingsInfo:
-    """The model metadata and row count of an embeddings file (reads the footer only).
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a Parquet file without
-    the model metadata.
-    """
+def _info_of(filesystem, inner: str, shown: str | Path) -> EmbeddingsInfo:
     import pyarrow.parquet as pq
 
-    filesystem, inner = _filesystem(path)
     with filesystem.open_input_file(inner) as handle:
         parquet = pq.ParquetFile(handle)
         metadata = parquet.schema_arrow.metadata or {}
@@ -246,28 +286,44 @@ def read_info(path: str | Path) -> EmbeddingsInfo:
         fingerprint = metadata[MODEL_FINGERPRINT_KEY.encode()].decode()
     except KeyError:
         raise ValueError(
-            f"{path} は埋め込みファイルではありません (model_name/model_fingerprint がない)"
+            f"{shown} は埋め込みファイルではありません (model_name/model_fingerprint がない)"
         ) from None
     return EmbeddingsInfo(name, fingerprint, rows)
 
 
-def iter_chunks(path: str | Path, chunk_rows: int = 65_536) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """The ``ok`` rows of an embeddings file, chunk by chunk: ``(paths, float32 [n, D])``.
+def read_info(path: str | Path) -> EmbeddingsInfo:
+    """The model metadata and row count of an embeddings file or directory (reads footers only).
 
-    Memory stays at one chunk whatever the file's size.
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a Parquet file without
+    the model metadata, and :class:`ModelMismatchError` for a directory whose shards come from
+    different models.
+    """
+    filesystem, files = files_of(path)
+    infos = [_info_of(filesystem, inner, inner if len(files) > 1 else path) for inner in files]
+    fingerprints = {info.model_fingerprint for info in infos}
+    if len(fingerprints) > 1:
+        raise ModelMismatchError(f"{path} のシャードが別々のモデルで作られています: {sorted(fingerprints)}")
+    return EmbeddingsInfo(infos[0].model_name, infos[0].model_fingerprint, sum(i.rows for i in infos))
+
+
+def iter_chunks(path: str | Path, chunk_rows: int = 65_536) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """The ``ok`` rows of an embeddings file or directory, chunk by chunk: ``(paths, float32 [n, D])``.
+
+    Memory stays at one chunk whatever the size.
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    filesystem, inner = _filesystem(path)
-    with filesystem.open_input_file(inner) as handle:
-        parquet = pq.ParquetFile(handle)
-        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=["path", "status", "embedding"]):
-            good = batch.filter(pc.and_(pc.equal(batch["status"], "ok"), pc.is_valid(batch["embedding"])))
-            if good.num_rows == 0:
-                continue
-            flat = good["embedding"].flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-            yield good["path"].to_pylist(), torch.from_numpy(flat.reshape(good.num_rows, -1))
+    filesystem, files = files_of(path)
+    for inner in files:
+        with filesystem.open_input_file(inner) as handle:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches(batch_size=chunk_rows, columns=["path", "status", "embedding"]):
+                good = batch.filter(pc.and_(pc.equal(batch["status"], "ok"), pc.is_valid(batch["embedding"])))
+                if good.num_rows == 0:
+                    continue
+                flat = good["embedding"].flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+                yield good["path"].to_pylist(), torch.from_numpy(flat.reshape(good.num_rows, -1))
 
 
 @dataclass(frozen=True)
@@ -285,11 +341,8 @@ class Embeddings:
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
-    """Read a whole embeddings file (for small files; :func:`iter_chunks` streams big ones)."""
-    import pyarrow.parquet as pq
-
-    filesystem, inner = _filesystem(path)
-    table = pq.read_table(inner, filesystem=filesystem, columns=["path", "status"])
+    """Read a whole embeddings file or directory (small ones; :func:`iter_chunks` streams big ones)."""
+    table = _column_table(path, ["path", "status"])
     chunks = list(iter_chunks(path))
     ok_paths = [p for names, _ in chunks for p in names]
     vectors = torch.cat([v for _, v in chunks]) if chunks else torch.zeros(0, 0)
@@ -304,9 +357,7 @@ def paths_with_embeddings(path: str | Path, model_fingerprint: str) -> set[str]:
     Raises :class:`ModelMismatchError` when the file was made by another model, and ``OSError`` /
     ``ValueError`` when it is not a readable embeddings file (e.g. cut short by an interruption).
     """
-    import pyarrow.parquet as pq
-
-    filesystem, inner = _filesystem(path)
+    filesystem, inner = filesystem_of(path)
     if filesystem.get_file_info(inner).type.name == "NotFound":
         return set()
     info = read_info(path)
@@ -314,4 +365,13 @@ def paths_with_embeddings(path: str | Path, model_fingerprint: str) -> set[str]:
         raise ModelMismatchError(
             f"{path} の埋め込みは別のモデル ({info.model_name}, {info.model_fingerprint}) で作られています"
         )
-    return set(pq.read_table(inner, filesystem=filesystem, columns=["path"])["path"].to_pylist())
+    return set(_column_table(path, ["path"])["path"].to_pylist())
+
+
+def _column_table(path: str | Path, columns: list[str]) -> pa.Table:
+    """``columns`` of every row of an embeddings file or directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, files = files_of(path)
+    return pa.concat_tables([pq.read_table(f, filesystem=filesystem, columns=columns) for f in files])

@@ -15,6 +15,12 @@ The pipeline (:func:`build_dataset`)::
       → map_batches(Encoder)              actor pool  the model, loaded once per actor by name
       → iter_batches() on the driver                  Records, in input order; fingerprints checked
 
+or, for jobs of any size (:func:`write_parts`, what ``classify --engine ray`` runs), the workers
+write the results themselves and the driver receives none::
+
+      → map_batches(to_part_rows)         CPU tasks   rows + embeddings as Arrow; fingerprints checked
+      → write_parquet(OUT.parts/)         CPU tasks   Parquet shards (merged by helpers.parts)
+
 - Files are read **inside** the task, each in its own try/except, so one unreadable file becomes an
   error row and never fails a block (``ray.data.read_binary_files`` would fail the whole job).
   Local paths use :func:`helpers.data.open_image` (the same reasons as the local engine); URIs such
@@ -38,23 +44,25 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, embeddings
 from helpers.engines import InputOrder, Record, Staging, dali_engine_available, encode_batch, resolve_backend
 from helpers.models import ClipModel, PreprocessSpec, prepare
 from helpers.reading import Preprocess, SizedDecode, open_any, read_pixels
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
     from helpers.dali import Fallbacks
@@ -65,18 +73,26 @@ __all__ = [
     "RayEngineError",
     "RaySession",
     "ResourcePlan",
+    "RowFormatter",
     "RunStats",
     "actor_memory",
     "build_dataset",
     "check_fingerprints",
+    "count_decoder",
     "iter_embeddings",
+    "parts_schema",
     "plan_resources",
     "read_and_preprocess",
     "read_image",
     "session",
     "shutdown",
     "start",
+    "to_part_rows",
+    "write_parts",
 ]
+
+STARTUP_ATTEMPTS: int = 3
+"""How often :func:`start` tries embedded Ray whose node misses Ray's fixed start-up wait (busy machine)."""
 
 QUIET_LOGGERS: tuple[str, ...] = ("ray", "ray.data", "ray.train", "ray.tune")
 """Loggers set to ERROR by a quiet :func:`start`: INFO lines and notices would land on stderr."""
@@ -107,6 +123,8 @@ class RaySession:
     """The cluster's total resources (``CPU``, ``GPU``, memory...)."""
     reused: bool = False
     """True when Ray was already up in this process and :func:`start` only reused it."""
+    attempts: int = 1
+    """How many starts embedded Ray took (more than 1 when its node missed Ray's start-up wait)."""
 
     @property
     def cpus(self) -> float:
@@ -128,7 +146,8 @@ class RaySession:
             where = "起動済みの Ray を使用"
         else:
             where = f"クラスター {self.address}" if self.address else "このマシンに組み込み (embedded)"
-        return f"Ray: {where}, CPU {self.cpus:g}, GPU {self.gpus:g} (接続 {self.seconds:.1f} 秒)"
+        tries = f"、{self.attempts} 回目の起動で" if self.attempts > 1 else ""
+        return f"Ray: {where}, CPU {self.cpus:g}, GPU {self.gpus:g} (接続 {self.seconds:.1f} 秒{tries})"
 
 
 def _quiet_ray() -> None:
@@ -146,8 +165,6 @@ def _quiet_ray() -> None:
 @contextlib.contextmanager
 def _stderr_filtered(drop: Sequence[str]) -> Iterator[None]:
     """Capture what C++ code writes to file descriptor 2; re-emit the lines not containing ``drop``."""
-    import sys
-
     try:
         fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
         saved = os.dup(fd)
@@ -221,7 +238,9 @@ def start(
     ``RAY_AUTH_MODE=token`` set (the token from ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``).
     With ``quiet``, nothing is written to stderr: worker output stays in Ray's log files
     (``/tmp/ray/session_latest/logs``), Ray's loggers report errors only, and Ray Data's own
-    progress bars are off (the engine shows its own).
+    progress bars are off (the engine shows its own). Embedded Ray whose node misses Ray's fixed
+    30-second start-up wait (a busy machine) is started again, up to :data:`STARTUP_ATTEMPTS`
+    times (``attempts`` and :meth:`RaySession.describe` say so), then :class:`RayEngineError`.
     """
     try:
         import ray
@@ -261,19 +280,30 @@ def start(
         kwargs |= {"address": address, "runtime_env": {"py_modules": [str(REPO_ROOT / "helpers")]}}
     begin = time.perf_counter()
     drop = ["Set ray log level from environment variable"]
-    with _environment(variables), _stderr_filtered(drop) if quiet else contextlib.nullcontext():
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, TimeoutError) as err:
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        with _environment(variables), _stderr_filtered(drop) if quiet else contextlib.nullcontext():
+            try:
+                ray.init(**kwargs)
+                break
+            except (ConnectionError, TimeoutError) as err:
+                raise RayEngineError(
+                    f"Ray クラスター {address} に接続できません ({err})。アドレスを確かめてください。"
+                    " トークン認証のクラスター (ray start の既定) なら RAY_AUTH_MODE=token と、"
+                    "トークン (~/.ray/auth_token または RAY_AUTH_TOKEN) も要ります"
+                ) from None
+            except Exception as err:  # Ray raises a bare Exception when its node misses its fixed 30 s start
+                if address is not None or "timed out during startup" not in str(err):
+                    raise
+                ray.shutdown()  # what did start of that node
+        if attempt == STARTUP_ATTEMPTS:
             raise RayEngineError(
-                f"Ray クラスター {address} に接続できません ({err})。アドレスを確かめてください。"
-                " トークン認証のクラスター (ray start の既定) なら RAY_AUTH_MODE=token と、"
-                "トークン (~/.ray/auth_token または RAY_AUTH_TOKEN) も要ります"
-            ) from None
+                f"組み込みの Ray が {STARTUP_ATTEMPTS} 回とも時間内 (Ray の固定の 30 秒) に"
+                "起動しませんでした: マシンが混んでいます。少し待ってからもう一度実行してください"
+            )
     seconds = time.perf_counter() - begin
     if quiet:
         _quiet_ray()
-    return RaySession(address, True, seconds, dict(ray.cluster_resources()))
+    return RaySession(address, True, seconds, dict(ray.cluster_resources()), attempts=attempt)
 
 
 def shutdown() -> None:
@@ -325,7 +355,8 @@ def read_and_preprocess(
         if prepared is not None:
             pixels[row] = prepared.numpy()
             ok[row] = True
-    return {"index": batch["index"], "ok": ok, "error": np.array(errors, dtype=object), "pixels": pixels}
+    out = {"index": batch["index"], "ok": ok, "error": np.array(errors, dtype=object), "pixels": pixels}
+    return out | ({"name": batch["name"]} if "name" in batch else {})
 
 
 # ---------------------------------------------------------------- the model (actors)
@@ -385,13 +416,14 @@ class Encoder:
         decoder = ["dali" if ok[i] else "" for i in range(n)]
         for i, (kind, reason) in fallbacks.pil_files.items():
             decoder[i] = f"{kind}:{reason}"
-        return {
+        out = {
             "index": batch["index"],
             "ok": ok,
             "error": np.array(errors, dtype=object),
             "pixels": pixels,
             "decoder": np.array(decoder, dtype=object),
         }
+        return out | ({"name": batch["name"]} if "name" in batch else {})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.dali:
@@ -402,7 +434,7 @@ class Encoder:
         if ok.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             embedding[ok] = encode_batch(self.model, pixels, self.amp, self.staging).numpy()
-        return {
+        out = {
             "index": np.asarray(batch["index"], dtype=np.int64),
             "ok": ok,
             "error": batch["error"],
@@ -411,6 +443,7 @@ class Encoder:
             "fingerprint": np.array([self.fingerprint] * n, dtype=object),
             "pid": np.full(n, self.pid, dtype=np.int64),
         }
+        return out | ({"name": batch["name"]} if "name" in batch else {})
 
 
 # ---------------------------------------------------------------- the plan
@@ -476,16 +509,23 @@ def build_dataset(
     run_check: bool = True,
     trust_remote_code: bool = False,
     exact_decode: bool = False,
+    names: Sequence[str] | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: file list → CPU tasks (read + preprocess) → actor pool (model).
 
-    Ray Data starts its actors with ``max_restarts=-1`` and ``max_task_retries=-1``: an actor whose
-    process dies is restarted (its ``__init__`` runs again) and the batch it held is retried.
+    ``names`` (one per path, e.g. the path relative to the folder) travel with the rows as a
+    ``name`` column. Ray Data starts its actors with ``max_restarts=-1`` and ``max_task_retries=-1``:
+    an actor whose process dies is restarted (its ``__init__`` runs again) and the batch it held is
+    retried.
     """
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     items = [{"index": i, "path": str(p)} for i, p in enumerate(paths)]
+    if names is not None:
+        if len(names) != len(items):
+            raise ValueError(f"{len(names)} names for {len(items)} paths")
+        items = [item | {"name": str(name)} for item, name in zip(items, names, strict=True)]
     blocks = max(1, math.ceil(len(items) / batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     if not dali:
@@ -533,6 +573,8 @@ class RunStats:
     pids: Counter = field(default_factory=Counter)
     """Rows per actor process id."""
     plan: ResourcePlan | None = None
+    ray_stats: str = ""
+    """Ray Data's own account of a :func:`write_parts` run (``Dataset.stats()``: time and rows per stage)."""
 
     @property
     def images_per_s(self) -> float:
@@ -543,13 +585,17 @@ def check_fingerprints(fingerprints: Sequence[str], model: ClipModel) -> None:
     """Raise :class:`FingerprintMismatchError` unless every actor ran ``model`` (same fingerprint)."""
     wrong = {str(f) for f in fingerprints} - {model.fingerprint}
     if wrong:
-        raise FingerprintMismatchError(
-            f"アクターが読み込んだモデル {model.name} (fingerprint {sorted(wrong)[0]}) が、ドライバーのモデル"
-            f" ({model.fingerprint}) と違います: すべてのノードで同じ重み (同じ版) を使ってください"
-        )
+        raise FingerprintMismatchError(_mismatch(model.name, model.fingerprint, sorted(wrong)[0]))
 
 
-def _count_decoder(fallbacks: Fallbacks, decoder: str) -> None:
+def _mismatch(name: str, expected: str, found: str) -> str:
+    return (
+        f"アクターが読み込んだモデル {name} (fingerprint {found}) が、ドライバーのモデル"
+        f" ({expected}) と違います: すべてのノードで同じ重み (同じ版) を使ってください"
+    )
+
+
+def count_decoder(fallbacks: Fallbacks, decoder: str) -> None:
     """Count one row's ``decoder`` column (``"dali"``, ``"by_design:REASON"``, ``"after_error:REASON"``)."""
     if decoder == "dali":
         fallbacks.dali += 1
@@ -645,7 +691,7 @@ def iter_embeddings(
                     if order.duplicates == seen:  # counted once, the first time it arrives
                         stats.pids[int(pid)] += 1
                         if fallbacks is not None:
-                            _count_decoder(fallbacks, str(decoder))
+                            count_decoder(fallbacks, str(decoder))
                 stats.duplicates = order.duplicates
                 ready = order.ready()
                 if ready:
@@ -659,3 +705,162 @@ def iter_embeddings(
             raise RayEngineError(f"Ray から {len(files) - order.next_index} 件の結果が返りませんでした")
     finally:
         ray_session.close()
+
+
+# ---------------------------------------------------------------- workers write, the driver counts
+
+
+PART_COLUMNS: tuple[str, ...] = ("path", "status", "error", "decoder", "pid")
+"""The columns every shard of :func:`write_parts` has (then the formatter's, then ``embedding``)."""
+
+
+class RowFormatter(Protocol):
+    """Turns a batch of embeddings into string columns (e.g. classify's labels and probabilities)."""
+
+    columns: Sequence[str]
+
+    def __call__(self, vectors: np.ndarray, ok: np.ndarray) -> dict[str, list[str]]: ...
+
+
+def parts_schema(
+    model_name: str, model_fingerprint: str, columns: Sequence[str] = (), with_embeddings: bool = False
+) -> pa.Schema:
+    """The Arrow schema of :func:`write_parts`' shards, with the model metadata of an embeddings file."""
+    import pyarrow as pa
+
+    fields = [pa.field(c, pa.int64() if c == "pid" else pa.string()) for c in (*PART_COLUMNS, *columns)]
+    if with_embeddings:
+        fields.append(embeddings.schema(model_name, model_fingerprint).field("embedding"))
+    metadata = {embeddings.MODEL_NAME_KEY: model_name, embeddings.MODEL_FINGERPRINT_KEY: model_fingerprint}
+    return pa.schema(fields, metadata=metadata)
+
+
+def to_part_rows(
+    batch: dict[str, np.ndarray],
+    model_name: str,
+    model_fingerprint: str,
+    formatter: RowFormatter | None,
+    schema: pa.Schema,
+) -> pa.Table:
+    """An encoded batch (:class:`Encoder`'s output with ``name``) → the rows of a shard, on a worker.
+
+    Raises :class:`FingerprintMismatchError` when the actor ran another model than the driver's.
+    """
+    import pyarrow as pa
+
+    wrong = {str(f) for f in batch["fingerprint"]} - {model_fingerprint}
+    if wrong:
+        raise FingerprintMismatchError(_mismatch(model_name, model_fingerprint, sorted(wrong)[0]))
+    ok = np.asarray(batch["ok"], dtype=bool)
+    vectors = np.asarray(batch["embedding"], dtype=np.float32).reshape(len(ok), -1)
+    columns: dict[str, Any] = {
+        "path": [str(n) for n in batch["name"]],
+        "status": ["ok" if good else "error" for good in ok],
+        "error": [
+            "" if good else (str(e) or "読めませんでした") for good, e in zip(ok, batch["error"], strict=True)
+        ],
+        "decoder": [str(d) for d in batch["decoder"]],
+        "pid": np.asarray(batch["pid"], dtype=np.int64),
+    }
+    if formatter is not None:
+        columns |= formatter(vectors, ok)
+    if "embedding" in schema.names:
+        columns["embedding"] = embeddings.embedding_array(vectors, ok)
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def write_parts(
+    model: ClipModel,
+    paths: Sequence[str | Path],
+    names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    formatter: RowFormatter | None = None,
+    with_embeddings: bool = False,
+    backend: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    num_actors: int | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    stats: RunStats | None = None,
+    encoder_cls: type[Encoder] = Encoder,
+    run_check: bool = True,
+    trust_remote_code: bool = False,
+    exact_decode: bool = False,
+    amp: bool = True,
+) -> RunStats:
+    """Embed every file of ``paths`` on Ray and let the workers write the results as Parquet shards.
+
+    The pipeline of :func:`build_dataset`, then :func:`to_part_rows` (one row per file: ``names``
+    as ``path``, status, error, the ``formatter``'s columns and, with ``with_embeddings``, the
+    embedding) and Ray Data's ``write_parquet`` into ``out_dir`` (local folder or URI; files named
+    by Ray, a new write appends). The driver receives no rows and no embeddings: ``stats`` holds
+    only the time (read the shards for counts, :mod:`helpers.parts`). Other arguments as
+    :func:`iter_embeddings`.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    stats = stats if stats is not None else RunStats()
+    files = [str(p) for p in paths]
+    if not files:
+        return stats
+    dali = resolve_backend(backend) == "dali"
+    if dali and not dali_engine_available():
+        raise RayEngineError(
+            "DALI バックエンドを使えません (helpers.dali がない): --backend dataloader を使ってください"
+        )
+    ray_session = start(address=address, num_cpus=num_cpus)
+    stats.startup_seconds = ray_session.seconds
+    try:
+        plan = plan_resources(
+            ray_session.cpus, ray_session.gpus, num_workers, num_actors, actor_memory(model)
+        )
+        stats.plan = plan
+        dataset = build_dataset(
+            model.name, files, model.preprocess_spec, plan, batch_size, amp, dali, encoder_cls,
+            run_check=run_check, trust_remote_code=trust_remote_code, exact_decode=exact_decode, names=names,
+        )  # fmt: skip
+        schema = parts_schema(
+            model.name, model.fingerprint, formatter.columns if formatter else (), with_embeddings
+        )
+        dataset = dataset.map_batches(
+            to_part_rows,
+            fn_kwargs={
+                "model_name": model.name,
+                "model_fingerprint": model.fingerprint,
+                "formatter": formatter,
+                "schema": schema,
+            },
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=plan.task_cpus,
+        )
+        begin = time.perf_counter()
+        try:
+            dataset.write_parquet(str(out_dir), schema=schema)
+        except Exception as err:  # Ray wraps what a worker raised: say the engine's own error
+            cause = _engine_cause(err)
+            if cause is not None:
+                raise cause from None
+            raise
+        stats.seconds = time.perf_counter() - begin
+        stats.ray_stats = dataset.stats()
+        return stats
+    finally:
+        ray_session.close()
+
+
+def _engine_cause(err: BaseException) -> RayEngineError | None:
+    """The engine's own error that a worker raised, found in the chain Ray wraps it in."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current) in (RayEngineError, FingerprintMismatchError):  # not Ray's wrapping subclasses
+            return current
+        todo += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None

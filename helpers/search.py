@@ -5,13 +5,19 @@ Examples::
     python -m helpers.search embeddings.parquet "海辺を走る犬" --top-k 10     # text → images
     python -m helpers.search embeddings.parquet --image query.jpg              # image → images
 
-The embeddings file is what ``python -m helpers.classify ... --embeddings embeddings.parquet``
-writes (:mod:`helpers.embeddings`). The command loads the model its metadata names (``--model``
-overrides) and refuses, with exit status 1, embeddings made by another model (fingerprints
-differ): cosine similarities across two models mean nothing. The search is exact: the query's
-cosine similarity with every image, read in chunks so memory stays small whatever the file's
-size (with FAISS's exact inner-product index when the ``faiss`` package is installed). One line
-per hit: the score, then the image's path. Exit status: 0, or 1 on usage, file or model errors.
+The embeddings are what ``python -m helpers.classify ... --embeddings embeddings.parquet`` writes
+(:mod:`helpers.embeddings`): one Parquet file, or a directory of Parquet shards (``--engine ray``).
+The command loads the model its metadata names (``--model`` overrides) and refuses, with exit
+status 1, embeddings made by another model (fingerprints differ): cosine similarities across two
+models mean nothing.
+
+``--index`` chooses how: ``exact`` is the query's cosine similarity with every image, read in
+chunks so memory stays small whatever the size (FAISS's exact inner-product index when the
+``faiss`` package is installed, else torch); ``ivf`` uses the approximate FAISS index saved beside
+the embeddings (:mod:`helpers.vector_index`; built the first time, refused when stale or made for
+another model; ``--build-index`` rebuilds it); ``auto`` (the default) is exact below
+:data:`APPROX_MIN_ROWS` rows and ``ivf`` from there on. One line per hit: the score, then the
+image's path. Exit status: 0, or 1 on usage, file, index or model errors.
 """
 
 from __future__ import annotations
@@ -27,9 +33,23 @@ import torch
 import torch.nn.functional as F
 
 from helpers import embeddings as emb
+from helpers import vector_index
 from helpers.models import add_loading_options
 
-__all__ = ["Hit", "SearchError", "faiss_available", "image_query", "main", "search", "text_query"]
+__all__ = [
+    "APPROX_MIN_ROWS",
+    "Hit",
+    "SearchError",
+    "approximate_search",
+    "faiss_available",
+    "image_query",
+    "main",
+    "search",
+    "text_query",
+]
+
+APPROX_MIN_ROWS: int = 100_000
+"""From this many rows on, ``--index auto`` uses the approximate index (below, exact is fast enough)."""
 
 
 class SearchError(Exception):
@@ -112,6 +132,34 @@ def search(
     ]
 
 
+def approximate_search(
+    path: str | Path,
+    queries: torch.Tensor,
+    model_fingerprint: str,
+    top_k: int = 10,
+    nprobe: int | None = None,
+    rebuild: bool = False,
+) -> list[list[Hit]]:
+    """The approximate ``top_k`` of each query from the IVF index beside ``path`` (built if missing or
+    ``rebuild``). Raises :class:`SearchError` when faiss is missing or the index is stale or foreign."""
+    try:
+        index = None if rebuild else vector_index.open_index(path, model_fingerprint)
+        if index is None:
+            index = vector_index.build(path)
+            print(
+                f"近似索引を作りました: {vector_index.index_paths(path)[0]} ({index.meta['kind']},"
+                f" {index.rows} ベクトル, {index.meta['build_seconds']} 秒)",
+                file=sys.stderr,
+            )
+        scores, paths = index.search(queries, top_k, nprobe)
+    except vector_index.VectorIndexError as err:
+        raise SearchError(str(err)) from None
+    return [
+        [Hit(p, float(s)) for p, s in zip(row_paths, row_scores.tolist(), strict=False)]
+        for row_paths, row_scores in zip(paths, scores, strict=True)
+    ]
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -122,13 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="埋め込みファイル (Parquet) から、日本語の文または画像に近い画像を探します。",
     )
     parser.add_argument(
-        "embeddings", help="python -m helpers.classify --embeddings で作った Parquet ファイル"
+        "embeddings",
+        help="python -m helpers.classify --embeddings で作った Parquet ファイル (またはシャードのフォルダー)",
     )
     parser.add_argument("query", nargs="?", help="探したいものを表す文 (例: 海辺を走る犬)")
     parser.add_argument("--image", type=Path, help="文の代わりに、この画像に近い画像を探す")
     parser.add_argument("--top-k", type=int, default=10, help="表示する件数 (既定 10)")
     parser.add_argument("--model", help="モデル名 (既定: 埋め込みファイルに記録されたモデル)")
     parser.add_argument("--chunk-rows", type=int, default=65_536, help="一度に読む行数")
+    parser.add_argument(
+        "--index",
+        choices=["auto", "exact", "ivf"],
+        default="auto",
+        help=f"exact: 全件と比べる / ivf: FAISS の近似索引 (隣に保存) / auto: {APPROX_MIN_ROWS:,} 行から ivf",
+    )
+    parser.add_argument("--build-index", action="store_true", help="近似索引を作り直す (--index ivf で使う)")
+    parser.add_argument("--nprobe", type=int, help="近似索引で調べるリストの数 (多いほど正確で遅い)")
     add_loading_options(parser)
     return parser
 
@@ -146,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         info = emb.read_info(args.embeddings)
     except FileNotFoundError:
         raise SearchError(f"埋め込みファイルが見つかりません: {args.embeddings}") from None
+    except emb.ModelMismatchError as err:
+        raise SearchError(str(err)) from None
     except (OSError, ValueError) as err:
         raise SearchError(f"埋め込みファイルを読めません: {args.embeddings} ({err})") from None
     model, note = prepare(
@@ -165,7 +224,23 @@ def run(args: argparse.Namespace) -> int:
             raise SearchError(f"クエリ画像を読めません: {args.image} ({err.reason})") from None
     else:
         query = text_query(model, args.query)
-    hits = search(args.embeddings, query, args.top_k, args.chunk_rows)[0]
+    kind = args.index
+    if args.build_index and kind == "exact":
+        raise SearchError("--build-index は --index ivf (または auto) と一緒に使ってください")
+    if kind == "auto":
+        kind = "ivf" if args.build_index or info.rows >= APPROX_MIN_ROWS else "exact"
+        if kind == "ivf" and not vector_index.faiss_available() and not args.build_index:
+            print(
+                f"{info.rows} 行ありますが faiss がないので正確な検索をします ({vector_index.FAISS_MISSING})",
+                file=sys.stderr,
+            )
+            kind = "exact"
+    if kind == "ivf":
+        hits = approximate_search(
+            args.embeddings, query, model.fingerprint, args.top_k, args.nprobe, rebuild=args.build_index
+        )[0]
+    else:
+        hits = search(args.embeddings, query, args.top_k, args.chunk_rows)[0]
     for hit in hits:
         print(f"{hit.score:.4f}  {hit.path}")
     if not hits:

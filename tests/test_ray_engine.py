@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -23,7 +26,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray[data]=
 import test_classify
 from test_classify import LABELS, _check_rows, _rows
 
-from helpers import REPO_ROOT, classify, engines, engines_ray
+from helpers import REPO_ROOT, classify, engines, engines_ray, parts, search
 from helpers import embeddings as emb
 from helpers.models import load_clip
 
@@ -118,6 +121,7 @@ def test_command_on_ray_gives_the_same_answers_and_leaves_nothing(
     assert ray_emb.paths == local_emb.paths == [row["path"] for row in rows]
     assert ray_emb.status == local_emb.status and ray_emb.info == local_emb.info
     assert torch.allclose(ray_emb.vectors, local_emb.vectors, atol=2e-3)
+    assert not (tmp_path / "ray.csv.parts").exists()  # the shards were merged, then removed
     assert wait_gone(ray_daemons() - before) == set(), "Ray processes left behind"
 
 
@@ -157,34 +161,89 @@ def ray_session():
     assert wait_gone(started) == set(), "Ray processes left behind"
 
 
-def test_shards_and_resume_on_ray(
-    folder: Path, local_csv: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
+def _refuse_results_on_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way a result could reach the driver fail: the old driver-side path
+    (``iter_embeddings``) and Ray Data's iterators and collectors."""
+    import ray.data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a result reached the driver")
+
+    monkeypatch.setattr(engines_ray, "iter_embeddings", refuse)
+    for name in ("iter_batches", "iter_rows", "iter_torch_batches", "take", "take_all", "take_batch",
+                 "to_pandas", "to_arrow_refs", "to_numpy_refs"):  # fmt: skip
+        monkeypatch.setattr(ray.data.Dataset, name, refuse)
+
+
+def test_shards_resume_uris_and_no_result_on_the_driver(
+    folder: Path, local_csv: Path, tmp_path: Path, ray_session, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--shard acts on the file list before the engine; --resume carries on where a run stopped."""
-    out = tmp_path / "resumed.csv"
-    real = engines_ray.iter_embeddings
+    """``--engine ray`` with every driver-side result path refused: the images from a ``file://``
+    URI (listed and read through pyarrow.fs, as s3:// and gs:// would be), ``--shard``, the
+    embeddings as a directory of shards (searchable); then --resume from what a killed run leaves
+    in OUT.parts/ (complete shards kept, a shard cut short dropped and redone) gives the same CSV and
+    embeddings as the uninterrupted run."""
+    _refuse_results_on_the_driver(monkeypatch)
+    out, embeddings_dir, uri = tmp_path / "resumed.csv", tmp_path / "emb", folder.absolute().as_uri()
+    assert _classify(uri, out, "--engine", "ray", "--shard", "1/2", "--embeddings", str(embeddings_dir)) == 2  # type: ignore[arg-type]
+    # pyarrow.fs lists no dangling symbolic link (object stores have none): 15 files, halves of 8 and 7
+    expected = [row for row in _rows(local_csv) if row["path"] != "dangling.jpg"][8:]
+    ok = sum(row["status"] == "ok" for row in expected)
+    summary = f"7 files: {ok} ok, {7 - ok} errors, 1 skipped"
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(summary)
+    first = _rows(out)
+    _assert_same_rows(first, expected)
+    local_emb = emb.read_embeddings(local_csv.with_suffix(".parquet"))
+    ray_emb = emb.read_embeddings(embeddings_dir)
+    assert ray_emb.paths == [row["path"] for row in first]
+    assert (ray_emb.info.model_name, ray_emb.info.model_fingerprint, ray_emb.info.rows) == (
+        local_emb.info.model_name, local_emb.info.model_fingerprint, 7)  # fmt: skip
+    assert search.search(embeddings_dir, ray_emb.vectors[0], 1)[0][0].path == ray_emb.ok_paths[0]
+    assert not parts.parts_dir(out).exists()
+    # What a killed run leaves: the sidecar, complete shards, one shard cut short, no CSV.
+    out.unlink()
+    shards = parts.parts_dir(out)
+    model, labels = load_clip("embedded"), LABELS.split(",")
+    labeller = classify.Labeller(
+        tuple(labels), model.label_features(labels, ["{}"]).numpy(), model.scoring, 3
+    )
+    done = classify.find_uri_inputs(uri)
+    engines_ray.write_parts(model, done[0][8:11], done[1][8:11], shards, formatter=labeller,
+                            with_embeddings=True, batch_size=2)  # fmt: skip
+    assert len(parts.shard_files(shards)) == 2
+    (shards / "cut-short.parquet").write_bytes(b"PAR1" + b"\0" * 100)
+    code = _classify(
+        uri, out, "--engine", "ray", "--shard", "1/2", "--resume", "--embeddings", str(embeddings_dir)
+    )  # type: ignore[arg-type]
+    assert code == 2 and "途中で切れたシャード 1 個" in capsys.readouterr().err
+    assert _rows(out) == first and not shards.exists()
+    assert emb.read_embeddings(embeddings_dir).paths == ray_emb.paths
+    code = _classify(uri, tmp_path / "x.csv")  # type: ignore[arg-type]
+    assert code == 1 and "--engine ray だけ" in capsys.readouterr().err
 
-    def interrupted(*args, **kwargs):  # stops when asked for more than the first records
-        batches = real(*args, **kwargs)
-        yield next(batches)
-        batches.close()
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(engines_ray, "iter_embeddings", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _classify(folder, out, "--engine", "ray", "--shard", "1/2")
-    assert 0 < len(_rows(out)) <= 8  # what came before the interruption was written
-    monkeypatch.setattr(engines_ray, "iter_embeddings", real)
-    assert _classify(folder, out, "--engine", "ray", "--shard", "1/2", "--resume") == 2
-    second_half = _rows(local_csv)[8:]
-    _assert_same_rows(_rows(out), second_half)
+def test_part_rows_refuse_another_model_on_the_worker() -> None:
+    schema = engines_ray.parts_schema("embedded", "a" * 16)
+    text = {
+        key: np.array([value], dtype=object)
+        for key, value in [("name", "x.jpg"), ("error", ""), ("decoder", "")]
+    }
+    batch = text | {"ok": np.array([True]), "pid": np.array([1]), "embedding": np.zeros((1, 4), np.float32),
+                    "fingerprint": np.array(["b" * 16], dtype=object)}  # fmt: skip
+    with pytest.raises(engines_ray.FingerprintMismatchError, match="b" * 16):
+        engines_ray.to_part_rows(batch, "embedded", "a" * 16, None, schema)
+    batch["fingerprint"] = np.array(["a" * 16], dtype=object)
+    assert engines_ray.to_part_rows(batch, "embedded", "a" * 16, None, schema).to_pylist() == [
+        {"path": "x.jpg", "status": "ok", "error": "", "decoder": "", "pid": 1}
+    ]
 
 
 def test_an_actor_that_dies_once_is_restarted_and_every_file_comes_once(
     folder: Path, local_csv: Path, tmp_path: Path, ray_session
 ) -> None:
     """The actor's process exits (os._exit) on the batch holding file 8, the first time only: Ray
-    restarts the actor and retries that batch; every file comes back once, with the same answers."""
+    restarts the actor and retries that batch; every file is in the workers' shards once, with the
+    local engine's statuses and embeddings."""
     marker = tmp_path / "crashed-once"
 
     def crash_once_encoder():  # a class made in a function travels to the workers by value
@@ -199,26 +258,22 @@ def test_an_actor_that_dies_once_is_restarted_and_every_file_comes_once(
 
     model = load_clip("embedded")
     paths = classify.find_inputs(folder).files
-    stats = engines_ray.RunStats()
-    records = [
-        r
-        for batch in engines_ray.iter_embeddings(
-            model, paths, batch_size=4, progress=False, stats=stats, encoder_cls=crash_once_encoder()
-        )
-        for r in batch
-    ]
+    names = [p.relative_to(folder).as_posix() for p in paths]
+    shards = tmp_path / "out.csv.parts"
+    engines_ray.write_parts(
+        model, paths, names, shards, with_embeddings=True, batch_size=4, encoder_cls=crash_once_encoder()
+    )
     assert marker.exists(), "the actor never crashed"
-    assert len(stats.pids) >= 2, f"no restarted actor: {stats.pids}"
-    assert [r.index for r in records] == list(range(len(paths)))
-    local = [
-        r
-        for b in engines.iter_embeddings(model, paths, batch_size=4, num_workers=0, progress=False)
-        for r in b
-    ]
-    assert [(r.path, r.status, r.error) for r in records] == [(r.path, r.status, r.error) for r in local]
-    for ray_record, local_record in zip(records, local, strict=True):
-        if ray_record.status == "ok":
-            assert torch.allclose(ray_record.embedding, local_record.embedding, atol=1e-4)
+    table = pa.concat_tables([pq.read_table(f) for f in parts.shard_files(shards)]).sort_by("path")
+    assert table["path"].to_pylist() == names  # every file once
+    assert len(set(table["pid"].to_pylist())) >= 2, "no restarted actor"
+    fingerprint = pq.read_schema(parts.shard_files(shards)[0]).metadata[b"model_fingerprint"]
+    assert fingerprint == model.fingerprint.encode()
+    local = emb.read_embeddings(local_csv.with_suffix(".parquet"))
+    assert table["status"].to_pylist() == local.status
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    vectors = torch.tensor(ok["embedding"].to_pylist(), dtype=torch.float32)
+    assert torch.allclose(vectors, local.vectors, atol=2e-3)
 
 
 def test_dali_inside_the_actor_matches_the_local_dali_backend(
