@@ -22,7 +22,7 @@ write the results themselves and the driver receives none::
       → write_parquet(OUT.parts/)         CPU tasks   Parquet shards (merged by helpers.parts)
 
 - Files are read **inside** the task, each in its own try/except, so one unreadable file becomes an
-  error row and never fails a block (``ray.data.read_binary_files`` would fail the whole job).
+  error row and never fails a block (``ray.data.read_images`` would fail the whole job on one bad file).
   Local paths use :func:`helpers.data.open_image` (the same reasons as the local engine); URIs such
   as ``s3://bucket/a.jpg`` or ``file:///data/a.jpg`` are read through ``pyarrow.fs``.
 - CPU tasks preprocess with the model's :class:`~helpers.models.PreprocessSpec`

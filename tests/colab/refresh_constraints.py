@@ -71,8 +71,9 @@ LEFT_OUT: dict[str, str] = {
 COURSE_INSTALLS: tuple[str, ...] = ("matplotlib-fontja", "nvidia-dali-cuda120", "ray")
 """What the set-up cell installs because Colab lacks it (helpers.tooling.notebooks' packages, extras)."""
 
-DEV_ONLY: tuple[str, ...] = ("jupyterlab", "nbval", "ruff", "import-linter")
-"""requirements.txt entries for local use and the main CI run; neither on Colab nor needed there."""
+DEV_ONLY: tuple[str, ...] = ("jupyterlab", "nbval", "ruff", "import-linter", "faiss-cpu")
+"""requirements.txt entries for local use and the main CI run; neither on Colab nor needed there
+(faiss-cpu: only ``helpers.search --index ivf`` uses it, from 100,000 rows; it says how to install it)."""
 
 NOT_ON_COLAB_MARK = "# not on Colab (pip picks the version):"
 
