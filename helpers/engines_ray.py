@@ -604,6 +604,44 @@ def count_decoder(fallbacks: Fallbacks, decoder: str) -> None:
         (fallbacks.by_design if kind == "by_design" else fallbacks.after_error)[reason] += 1
 
 
+@contextlib.contextmanager
+def _planned_dataset(
+    model: ClipModel,
+    files: list[str],
+    backend: str,
+    batch_size: int,
+    amp: bool,
+    address: str | None,
+    num_cpus: int | None,
+    num_workers: int | None,
+    num_actors: int | None,
+    stats: RunStats,
+    encoder_cls: type[Encoder],
+    **options: Any,
+) -> Iterator[tuple[ray.data.Dataset, ResourcePlan]]:
+    """Start (or join) Ray, plan the resources and build :func:`build_dataset`'s pipeline of ``files``;
+    the session is closed on the way out. ``options`` go to :func:`build_dataset`. What
+    :func:`iter_embeddings` and :func:`write_parts` share."""
+    dali = resolve_backend(backend) == "dali"
+    if dali and not dali_engine_available():
+        raise RayEngineError(
+            "DALI バックエンドを使えません (helpers.dali がない): --backend dataloader を使ってください"
+        )
+    ray_session = start(address=address, num_cpus=num_cpus)
+    stats.startup_seconds = ray_session.seconds
+    try:
+        plan = plan_resources(
+            ray_session.cpus, ray_session.gpus, num_workers, num_actors, actor_memory(model)
+        )
+        stats.plan = plan
+        dataset = build_dataset(
+            model.name, files, model.preprocess_spec, plan, batch_size, amp, dali, encoder_cls, **options
+        )
+        yield dataset, plan
+    finally:
+        ray_session.close()
+
+
 def iter_embeddings(
     model: ClipModel,
     paths: Sequence[str | Path],
@@ -644,31 +682,22 @@ def iter_embeddings(
     stats = stats if stats is not None else RunStats()
     if not files:
         return
-    dali = resolve_backend(backend) == "dali"
-    if dali and not dali_engine_available():
-        raise RayEngineError(
-            "DALI バックエンドを使えません (helpers.dali がない): --backend dataloader を使ってください"
-        )
-    ray_session = start(address=address, num_cpus=num_cpus)
-    stats.startup_seconds = ray_session.seconds
-    try:
-        plan = plan_resources(
-            ray_session.cpus, ray_session.gpus, num_workers, num_actors, actor_memory(model)
-        )
-        stats.plan = plan
-        dataset = build_dataset(
-            model.name,
-            files,
-            model.preprocess_spec,
-            plan,
-            batch_size,
-            amp,
-            dali,
-            encoder_cls,
-            run_check=run_check,
-            trust_remote_code=trust_remote_code,
-            exact_decode=exact_decode,
-        )
+    with _planned_dataset(
+        model,
+        files,
+        backend,
+        batch_size,
+        amp,
+        address,
+        num_cpus,
+        num_workers,
+        num_actors,
+        stats,
+        encoder_cls,
+        run_check=run_check,
+        trust_remote_code=trust_remote_code,
+        exact_decode=exact_decode,
+    ) as (dataset, _plan):
         begin = time.perf_counter()
         order = InputOrder(len(files), on_duplicate="count")
         with tqdm(total=len(files), unit="枚", desc="Ray", disable=not progress) as bar:
@@ -703,8 +732,6 @@ def iter_embeddings(
                     yield ready
         if order.next_index != len(files):
             raise RayEngineError(f"Ray から {len(files) - order.next_index} 件の結果が返りませんでした")
-    finally:
-        ray_session.close()
 
 
 # ---------------------------------------------------------------- workers write, the driver counts
@@ -805,22 +832,23 @@ def write_parts(
     files = [str(p) for p in paths]
     if not files:
         return stats
-    dali = resolve_backend(backend) == "dali"
-    if dali and not dali_engine_available():
-        raise RayEngineError(
-            "DALI バックエンドを使えません (helpers.dali がない): --backend dataloader を使ってください"
-        )
-    ray_session = start(address=address, num_cpus=num_cpus)
-    stats.startup_seconds = ray_session.seconds
-    try:
-        plan = plan_resources(
-            ray_session.cpus, ray_session.gpus, num_workers, num_actors, actor_memory(model)
-        )
-        stats.plan = plan
-        dataset = build_dataset(
-            model.name, files, model.preprocess_spec, plan, batch_size, amp, dali, encoder_cls,
-            run_check=run_check, trust_remote_code=trust_remote_code, exact_decode=exact_decode, names=names,
-        )  # fmt: skip
+    with _planned_dataset(
+        model,
+        files,
+        backend,
+        batch_size,
+        amp,
+        address,
+        num_cpus,
+        num_workers,
+        num_actors,
+        stats,
+        encoder_cls,
+        run_check=run_check,
+        trust_remote_code=trust_remote_code,
+        exact_decode=exact_decode,
+        names=names,
+    ) as (dataset, plan):
         schema = parts_schema(
             model.name, model.fingerprint, formatter.columns if formatter else (), with_embeddings
         )
@@ -847,8 +875,6 @@ def write_parts(
         stats.seconds = time.perf_counter() - begin
         stats.ray_stats = dataset.stats()
         return stats
-    finally:
-        ray_session.close()
 
 
 def _engine_cause(err: BaseException) -> RayEngineError | None:
