@@ -30,7 +30,7 @@ test-unit: venv
 	$(BIN)/python -m pytest -m "not gpu" tests
 
 test-notebooks: venv
-	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=900 notebooks
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=900 --durations=15 notebooks
 
 ## make test-colab: the Colab set-up cell and the no-extras notebooks, run the way Colab runs them,
 ## in .venv-colab (Colab's versions, tests/colab/constraints.txt), plus the data and model-layer unit tests
