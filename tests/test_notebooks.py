@@ -35,6 +35,17 @@ def test_outputs_stripped_except_checked_cells(path: Path) -> None:
     assert nbtool.output_problems(path) == []
 
 
+def test_saved_widget_state_counts_as_an_output(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    path = tmp_path / "99_widgets.ipynb"
+    nbformat.write(nb, path)
+    assert [p for p in nbtool.output_problems(path) if "metadata.widgets" in p]
+    del nb.metadata["widgets"]
+    nbformat.write(nb, path)
+    assert nbtool.output_problems(path) == []
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_skeleton(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)

@@ -302,6 +302,11 @@ def output_problems(path: Path) -> list[str]:
             problems.append(
                 f"{path.name}: cell {i} has outputs; strip them (python -m helpers.tooling.notebooks outputs)"
             )
+    if "widgets" in nb.metadata:  # progress-bar state an editor saved: an output kept in the metadata
+        problems.append(
+            f"{path.name}: metadata.widgets keeps widget state;"
+            " strip it (python -m helpers.tooling.notebooks outputs)"
+        )
     return problems
 
 
@@ -320,6 +325,7 @@ def refresh_outputs(path: Path, timeout: int = 1200) -> None:
                 cell.outputs = []
                 cell.execution_count = None
             cell.metadata.pop("execution", None)
+    nb.metadata.pop("widgets", None)  # the progress bars' widget state is output too
     nbformat.write(nb, path)
 
 
