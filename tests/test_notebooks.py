@@ -187,6 +187,15 @@ def test_nbval_fails_a_cell_that_writes_to_stderr(tmp_path: Path) -> None:
     assert "1 failed, 1 passed" in result.stdout and "wrote to stderr" in result.stdout
 
 
+def test_run_notebooks_removes_copies_of_notebooks_that_no_longer_exist(tmp_path: Path) -> None:
+    from helpers.tooling import run_notebooks
+
+    (tmp_path / "06_scale_out_ray.ipynb").write_text("{}", encoding="utf-8")  # renamed since
+    (tmp_path / "00_setup_check.ipynb").write_text("{}", encoding="utf-8")
+    assert run_notebooks.remove_stale_copies(tmp_path, {"00_setup_check.ipynb"}) == ["06_scale_out_ray.ipynb"]
+    assert [p.name for p in tmp_path.iterdir()] == ["00_setup_check.ipynb"]
+
+
 def test_run_notebooks_writes_copies_and_summary(tmp_path: Path) -> None:
     from helpers.tooling import run_notebooks
 

@@ -93,6 +93,15 @@ def write_summary(runs: list[NotebookRun], out_dir: Path) -> Path:
     return markdown
 
 
+def remove_stale_copies(out_dir: Path, current: set[str]) -> list[str]:
+    """Delete executed copies in ``out_dir`` whose notebook no longer exists (a renamed or removed
+    notebook); return their names."""
+    stale = sorted(p.name for p in out_dir.glob("[0-9][0-9]_*.ipynb") if p.name not in current)
+    for name in stale:
+        (out_dir / name).unlink()
+    return stale
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the notebooks; exit 1 when any failed."""
     parser = argparse.ArgumentParser(prog="python -m helpers.tooling.run_notebooks", description=__doc__)
@@ -103,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("実行するノートブックがありません (no notebooks matched)", file=sys.stderr)
         return 1
+    stale = remove_stale_copies(args.out, {p.name for p in notebooks()})
+    if stale:
+        print("前の実行の古いコピーを消しました (no longer a notebook):", ", ".join(stale))
     runs = []
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name} ...", end=" ", flush=True)
