@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from helpers import verdict
+from helpers.latency import Latency
 from helpers.timing import Timing
 
 
@@ -78,3 +80,39 @@ def test_largest_stage() -> None:
     assert line == "いちばん長い段階は「デコード」(6 ms、全体の 60 %)"
     with pytest.raises(ValueError):
         verdict.largest_stage({})
+
+
+def test_distributions_call_a_clear_shift_despite_rare_spikes() -> None:
+    rng = np.random.default_rng(1)
+    idle = rng.normal(0.004, 0.0004, 30)
+    busy = rng.normal(0.020, 0.002, 30)
+    busy[[3, 11, 25]] = 0.3  # rare 300 ms stalls: compare() would call everything noise
+    assert not verdict.compare(
+        Timing("a", float(np.median(idle)), 1, tuple(idle)),
+        Timing("b", float(np.median(busy)), 1, tuple(busy)),
+    ).differs
+    v = verdict.compare_distributions(idle, busy, "仕事なし", "取り合う")
+    assert v.differs and v.ratio < 0.25 and "倍遅い" in str(v) and "1 をまたがない" in str(v)
+    assert str(v).startswith("取り合う は 仕事なし より ")
+    assert verdict.compare_distributions(busy, idle).differs  # symmetric: the other way round too
+
+
+def test_distributions_two_draws_of_one_distribution_are_not_a_difference() -> None:
+    rng = np.random.default_rng(2)
+    draws = [rng.lognormal(np.log(0.004), 0.3, 40) for _ in range(20)]
+    verdicts = [verdict.compare_distributions(draws[i], draws[i + 1]) for i in range(0, 20, 2)]
+    assert sum(v.differs for v in verdicts) <= 1  # a 95 % interval: rarely, never often
+    v = verdicts[0]
+    assert str(v).startswith("b と a の中央値の差は揺れの範囲内 (速さの比 b/a = ")
+    assert "95 % 区間" in str(v) and "1 を含む" in str(v)
+
+
+def test_distributions_are_seeded_take_latency_names_and_need_enough_calls() -> None:
+    a = Latency("eager", (0.004, 0.005, 0.0045, 0.0042, 0.0048, 0.2))
+    b = Latency("compile", (0.002, 0.0021, 0.0022, 0.0019, 0.002, 0.0023))
+    assert str(verdict.compare_distributions(a, b)) == str(verdict.compare_distributions(a, b))
+    assert str(verdict.compare_distributions(a, b)).startswith("compile は eager より ")
+    few = verdict.compare_distributions([0.001] * 3, [0.002] * 10)
+    assert not few.differs and math.isnan(few.noise) and "判定できない" in str(few)
+    with pytest.raises(ValueError):
+        verdict.compare_distributions([], [0.001])
