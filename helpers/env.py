@@ -10,6 +10,7 @@ import socket
 import sys
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 HUB_HOST = "huggingface.co"
 
@@ -50,6 +51,16 @@ def dali_version() -> str | None:
     return str(dali.__version__)
 
 
+def _dali_requirement() -> str:
+    """DALI with the pin requirements.txt gives it (what the set-up cells of 03 and 04 install)."""
+    try:
+        text = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text(encoding="utf-8")
+    except OSError:
+        return "nvidia-dali-cuda120"
+    pins = [line.split("#", 1)[0].replace(" ", "") for line in text.splitlines()]
+    return next((pin for pin in pins if pin.startswith("nvidia-dali-cuda120")), "nvidia-dali-cuda120")
+
+
 def dali_problem() -> str | None:
     """Why DALI cannot be used here, in one line (None when it imports): not installed, or installed
     but broken (with its import error: a missing CUDA library, a mismatched wheel...)."""
@@ -61,7 +72,10 @@ def dali_problem() -> str | None:
         except (ImportError, ValueError):
             installed = False
         if not installed:
-            return "DALI が入っていません (pip install nvidia-dali-cuda120)"
+            return (
+                "DALI が入っていません (03・04 のセットアップセルが入れます。"
+                f"手で入れるなら pip install {_dali_requirement()})"
+            )
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return f"DALI は入っていますが壊れています ({type(err).__name__}: {detail[:160]})"
     return None

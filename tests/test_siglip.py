@@ -2,14 +2,14 @@
 bias, text padded to ``max_length``, equal to transformers' own ``logits_per_image``.
 
 The folder is a tiny random ``SiglipModel`` (model_type ``siglip``) saved with a character tokenizer
-and the PIL ``SiglipImageProcessorPil``, built here offline: no hub, no sentencepiece, no torchvision.
+and the PIL ``SiglipImageProcessorPil``, written offline by :mod:`helpers.fixtures.siglip` (notebook 01
+uses the same folder): no hub, no sentencepiece, no torchvision.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,64 +18,17 @@ import torch
 from PIL import Image
 
 from helpers import classify
+from helpers.fixtures.siglip import MAX_LENGTH, write_tiny_siglip
 from helpers.models import ModelCheckError, ModelLoadError, check, load_clip
 from helpers.models.compat import quiet_transformers
 
 LABELS = ["犬", "猫", "車"]
-MAX_LENGTH = 16
-
-
-def _tokenizer():
-    """Characters → ids, ``</s>`` appended; ``</s>`` is both EOS and PAD (as in Google's SigLIP)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"</s>": 0, "<unk>": 1}
-    for char in "犬猫象車の写真鳥花":
-        vocab.setdefault(char, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="</s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=64,  # larger than the model's positions: max_length must take the smaller
-        padding_side="right",
-        model_input_names=["input_ids"],
-    )
 
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory) -> Path:
-    from transformers import SiglipConfig, SiglipModel
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    folder = tmp_path_factory.mktemp("tiny_siglip")
-    tokenizer = _tokenizer()
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = SiglipConfig(
-        text_config={
-            **tower,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": MAX_LENGTH,
-            "pad_token_id": 0,
-            "bos_token_id": None,
-            "eos_token_id": 0,
-        },
-        vision_config={**tower, "image_size": 32, "patch_size": 8},
-    )
-    torch.manual_seed(0)
-    model = SiglipModel(config).eval()
-    with torch.no_grad():  # SigLIP starts at scale 10; bias -1 keeps random probabilities away from 0
-        model.logit_scale.fill_(math.log(10.0))
-        model.logit_bias.fill_(-1.0)
-    with quiet_transformers():
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    # SigLIP starts at scale 10; bias -1 keeps random probabilities away from 0
+    return write_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"), scale=10.0, bias=-1.0)
 
 
 @pytest.fixture(scope="module")
