@@ -90,7 +90,8 @@ ARTICLE_T4_SECONDS: dict[str, float] = {
 one image, Colab T4, the article's CLIP model and code. Shown by notebook 02 section 7."""
 ARTICLE_SOURCE = (
     "元記事 (この講座のもとになった記事) が報告した数値 "
-    "(Colab T4、同じ画像 1000 枚のコピー、記事の CLIP モデル、それぞれ 1 回の測定)"
+    "(元記事によれば Colab T4、日付不明。同じ画像 1000 枚のコピー、記事の CLIP モデル、それぞれ 1 回の測定。"
+    "この講座には、引用した数値と条件のほかに元記事の題名・URL・日付の記録がない)"
 )
 REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
     "1 枚ずつ": 83,
@@ -439,22 +440,37 @@ class _OpenedAtSizeOnly(SizedDecode):
         return torch.zeros(1)
 
 
-def stages_loader(s: Setup, exact_decode: bool = True) -> dict[str, float]:
-    """Variant e's (``exact_decode``) or g's work in stages, seconds of wall time per image:
-    デコード a pass of a fresh DataLoader whose workers only decode; 前処理 the pass that also
-    preprocesses, minus the decode pass; 転送 to the model's device; モデル the main process's
-    normalisation (g), model and probabilities over the batches already read. Each pass starts its
-    workers, as e and g do. In e and g the workers read **while** the model runs, so their
-    end-to-end time can be shorter than the sum. Notebook 02 section 5."""
-    opened = _opened_only if exact_decode else _OpenedAtSizeOnly(s.model.preprocess_spec)
-    preprocess = engines.worker_preprocess(s.model, exact_decode)
+STARTUP_STAGE = "ワーカーの起動と停止"
+"""The stage of :func:`stages_loader` that a persistent DataLoader pays once, not per pass."""
+
+
+def _passes(s: Setup, preprocess: engines.Preprocess) -> tuple[float, float, float, list[torch.Tensor]]:
+    """Seconds of a fresh DataLoader's first pass (its workers start), of its second pass (the
+    same, persistent workers), and of stopping its workers; and the second pass's batches."""
+    loader = engines.make_loader(s.paths, preprocess, s.batch_size, s.num_workers)
     t0 = _clock()
-    for _ in engines.make_loader(s.paths, opened, s.batch_size, s.num_workers):
+    for _ in loader:
         pass
     t1 = _clock()
-    loader = engines.make_loader(s.paths, preprocess, s.batch_size, s.num_workers)
     batches = [pixels for _, pixels, _ in loader]
+    t2 = _clock()
     del loader  # its workers stop here, as when e's loader goes away
+    t3 = _clock()
+    return t1 - t0, t2 - t1, t3 - t2, batches
+
+
+def stages_loader(s: Setup, exact_decode: bool = True) -> dict[str, float]:
+    """Variant e's (``exact_decode``) or g's work in stages, seconds of wall time per image:
+    ワーカーの起動と停止 (:data:`STARTUP_STAGE`) the first pass of e's DataLoader minus its second
+    pass, plus stopping its workers: what e and g pay once per call because they build a new
+    DataLoader, and a persistent one pays once per job; デコード the second pass of a DataLoader
+    whose workers only decode; 前処理 the second pass of one that also preprocesses, minus the
+    decode pass; 転送 to the model's device; モデル the main process's normalisation (g), model
+    and probabilities over the batches already read. In e and g the workers read **while** the
+    model runs, so their end-to-end time can be shorter than the sum. Notebook 02 section 5."""
+    opened = _opened_only if exact_decode else _OpenedAtSizeOnly(s.model.preprocess_spec)
+    _, decode, _, _ = _passes(s, opened)
+    fresh, read, stop, batches = _passes(s, engines.worker_preprocess(s.model, exact_decode))
     t2 = _clock()
     on_device = [pixels.to(s.model.device, non_blocking=True) for pixels in batches]
     t3 = _clock()
@@ -462,8 +478,13 @@ def stages_loader(s: Setup, exact_decode: bool = True) -> dict[str, float]:
     features = [engines.encode_batch(s.model, pixels, True, staging) for pixels in on_device]
     s.model.probabilities(torch.cat(features), text)
     t4 = _clock()
-    decode, read = t1 - t0, t2 - t1
-    seconds = {"デコード": decode, "前処理": max(read - decode, 0.0), "転送": t3 - t2, "モデル": t4 - t3}
+    seconds = {
+        STARTUP_STAGE: max(fresh - read, 0.0) + stop,
+        "デコード": decode,
+        "前処理": max(read - decode, 0.0),
+        "転送": t3 - t2,
+        "モデル": t4 - t3,
+    }
     return {stage: value / len(s.paths) for stage, value in seconds.items()}
 
 

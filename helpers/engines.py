@@ -195,7 +195,7 @@ def backend_notice(backend: str = "auto") -> str:
     if chosen == "dali":
         why = "DALI の GPU パイプラインが使えるため"
     else:
-        why = env.dali_problem() or "GPU がないので DALI の GPU パイプラインは使えないため"
+        why = env.dali_problem() or "GPU がなく、DALI の GPU パイプラインが使えないため"
     return f"バックエンド: {chosen} (auto: {why})"
 
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from helpers.latency import Latency
-    from helpers.timing import ResultsTable
+    from helpers.timing import ResultsTable, Timing
 
 
 def setup_japanese() -> str:
@@ -35,8 +35,22 @@ def throughput_bar(table: ResultsTable, title: str | None = None, unit: str = "�
     values = [float(r["items_per_s"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
     bars = ax.barh(names, values, color="tab:blue")
+    ranged = [(i, t) for i, t in enumerate(table.timings) if len(t.runs) >= 2 and min(t.runs) > 0]
+    if ranged:  # the slowest and the fastest timed call, around the median's bar
+        low = [values[i] - t.n_items / max(t.runs) for i, t in ranged]
+        high = [t.n_items / min(t.runs) - values[i] for i, t in ranged]
+        ax.errorbar(
+            [values[i] for i, _ in ranged],
+            [i for i, _ in ranged],
+            xerr=[low, high],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+            label="最小〜最大",
+        )
+        ax.legend(loc="lower right", fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(unit)
+    ax.set_xlabel(f"{unit} (棒は中央値)" if ranged else unit)
     ax.set_title(title or table.title or "スループット")
     for bar, row in zip(bars, rows, strict=True):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row['speedup']:.1f}×", va="center")
@@ -52,11 +66,14 @@ def sweep_line(
     ylabel: str,
     title: str = "",
     logx: bool = False,
+    ranges: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> Figure:
     """Line chart of one or more series over a swept parameter (batch size, temperature, ...).
 
     Whole-number sweeps (thread counts, batch sizes) get a tick at each swept value and no other
-    (base-2 spacing with ``logx``); every line has a legend entry.
+    (base-2 spacing with ``logx``); every line has a legend entry. ``ranges`` (optional) maps a
+    series' label to its (lowest, highest) values, drawn as min–max error bars around the line
+    (:func:`timing_ranges` makes them from measured runs).
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
@@ -65,7 +82,16 @@ def sweep_line(
     xs = list(x)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, ys in series.items():
-        ax.plot(xs, list(ys), marker="o", label=label)
+        ys = list(ys)
+        if ranges and label in ranges:
+            lows, highs = ranges[label]
+            errors = [
+                [y - lo for y, lo in zip(ys, lows, strict=True)],
+                [hi - y for y, hi in zip(ys, highs, strict=True)],
+            ]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=f"{label} (縦線は最小〜最大)")
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
     try:
         whole = bool(xs) and all(float(v).is_integer() for v in xs)
     except (TypeError, ValueError):  # categories: matplotlib places them itself
@@ -83,6 +109,17 @@ def sweep_line(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def timing_ranges(timings: Sequence[Timing]) -> tuple[list[float], list[float]]:
+    """(lowest, highest) items/s of each timing's runs, for ``sweep_line(ranges=...)``; the median's
+    items/s where a timing has fewer than two runs."""
+    lows, highs = [], []
+    for t in timings:
+        ok = len(t.runs) >= 2 and min(t.runs) > 0
+        lows.append(t.n_items / max(t.runs) if ok else t.items_per_s)
+        highs.append(t.n_items / min(t.runs) if ok else t.items_per_s)
+    return lows, highs
 
 
 def image_grid(

@@ -103,14 +103,15 @@ class ResultsTable:
         ]
 
     def to_markdown(self) -> str:
-        """The table in Markdown (Japanese headers), for notebooks and reports."""
+        """The table in Markdown (Japanese headers), for notebooks and reports. The 揺れ column shows
+        the fastest and slowest timed call and (max - min) / median; "1 回" when there was one run."""
         lines = [
-            "| 方式 | 時間 (中央値) | 画像数 | 画像/秒 | 基準比 |",
-            "|---|---:|---:|---:|---:|",
+            "| 方式 | 時間 (中央値) | 揺れ (最小〜最大) | 画像数 | 画像/秒 | 基準比 |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        for row in self.rows():
+        for timing, row in zip(self.timings, self.rows(), strict=True):
             lines.append(
-                f"| {row['name']} | {row['seconds']:.3f} s | {row['items']} | "
+                f"| {row['name']} | {row['seconds']:.3f} s | {_spread_cell(timing)} | {row['items']} | "
                 f"{row['items_per_s']:.1f} | {row['speedup']:.2f}× |"
             )
         return "\n".join(lines)
@@ -125,6 +126,13 @@ class ResultsTable:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+
+def _spread_cell(timing: Timing) -> str:
+    """「0.742〜0.863 s (16 %)」: the range of the timed calls and the spread; 「1 回」 with one run."""
+    if len(timing.runs) < 2:
+        return "1 回"
+    return f"{min(timing.runs):.3f}〜{max(timing.runs):.3f} s ({timing.spread:.0%})"
 
 
 @contextlib.contextmanager

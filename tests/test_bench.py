@@ -112,3 +112,16 @@ def test_a_dali_row_that_pil_did_is_not_called_dali(monkeypatch, tmp_path: Path)
     assert row["key"] == "dali" and "※ PIL が 100%" in row["name"]
     assert "4 after DALI errors (nvJPEG error (test) 4)" in row["decoders"]
     assert "DALI の速さとは言えません" in (tmp_path / "bench.md").read_text(encoding="utf-8")
+
+
+def test_stages_loader_names_the_worker_start_up_apart_from_decoding(tmp_path: Path) -> None:
+    from helpers.data import make_workload
+    from helpers.models import load_clip
+
+    paths = make_workload(4)
+    setup = bench.Setup(load_clip("embedded"), paths, ["猫の写真", "犬の写真"], 2, 1)
+    for exact in (True, False):
+        stages = bench.stages_loader(setup, exact_decode=exact)
+        assert list(stages) == [bench.STARTUP_STAGE, "デコード", "前処理", "転送", "モデル"]
+        assert all(value >= 0 for value in stages.values())
+        assert stages["デコード"] > 0 and stages[bench.STARTUP_STAGE] > 0  # a worker did start

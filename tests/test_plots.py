@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import pytest
 from matplotlib import font_manager
 from PIL import Image
 
@@ -35,6 +36,13 @@ def test_throughput_bar(tmp_path) -> None:
     fig = plots.throughput_bar(table)
     fig.savefig(tmp_path / "bar.png")
     assert len(fig.axes[0].patches) == 2
+    assert fig.axes[0].get_legend() is None  # no runs: no range to draw
+    plt.close(fig)
+    table.add(Timing("交互", 1.0, 10, runs=(0.8, 1.0, 1.25)))
+    fig = plots.throughput_bar(table)
+    (errorbar,) = fig.axes[0].containers[1:]
+    low, high = errorbar.lines[2][0].get_segments()[0][:, 0]  # the one bar with runs
+    assert (low, high) == pytest.approx((8.0, 12.5))
     plt.close(fig)
 
 
@@ -48,6 +56,13 @@ def test_sweep_line() -> None:
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["画像/秒", "メモリ"]
     plt.close(fig)
+    timings = [Timing("b", 1.0, 4, runs=(0.8, 1.0, 2.0)), Timing("b", 1.0, 4)]
+    ranged = plots.sweep_line(
+        [1, 2], {"画像/秒": [4, 4]}, "x", "y", ranges={"画像/秒": plots.timing_ranges(timings)}
+    )
+    assert plots.timing_ranges(timings) == ([2.0, 4.0], [5.0, 4.0])
+    assert [t.get_text() for t in ranged.axes[0].get_legend().get_texts()] == ["画像/秒 (縦線は最小〜最大)"]
+    plt.close(ranged)
     single = plots.sweep_line([0.5, 1.5], {"温度": [1, 2]}, "x", "y")
     assert single.axes[0].get_legend() is not None  # one line still has its legend entry
     plt.close(single)

@@ -43,6 +43,13 @@ def test_markdown_has_one_line_per_variant() -> None:
     assert markdown.count("\n") == 3
     assert "2.00×" in markdown
     assert "8.0" in markdown  # 4 items / 0.5 s
+    assert "揺れ (最小〜最大)" in markdown and "1 回" in markdown  # no runs: no range to show
+
+
+def test_markdown_shows_the_range_of_the_runs() -> None:
+    table = ResultsTable()
+    table.add(Timing("a", 1.0, 4, runs=(0.9, 1.0, 1.2)))
+    assert "0.900〜1.200 s (30%)" in table.to_markdown()
 
 
 def test_spread() -> None:
