@@ -233,9 +233,13 @@ def start(
     Reuses a Ray that is already up (``started`` is then False). Embedded Ray runs without a
     dashboard, and its workers find ``helpers`` through ``PYTHONPATH``; on a cluster the ``helpers``
     package is shipped to the workers (``runtime_env`` ``py_modules``): the nodes need the
-    course's requirements installed. A cluster started with ``ray start`` uses token
-    authentication by default, and Ray 2.60 sends the token to an explicit address only with
-    ``RAY_AUTH_MODE=token`` set (the token from ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``).
+    course's requirements installed. Token authentication in Ray 2.60 (read in its source,
+    ``ray/_private/authentication/authentication_token_setup.py``): a new local ``ray.init()`` (embedded
+    Ray) turns it on unless ``RAY_AUTH_MODE`` is set, creating ``~/.ray/auth_token`` if missing;
+    ``ray start --head`` turns it on only with ``RAY_AUTH_MODE=token``, or with ``RAY_AUTH_MODE``
+    unset and a token already there (``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``); joining an
+    explicit address never turns it on, so joining such a cluster needs ``RAY_AUTH_MODE=token``
+    and its token.
     With ``quiet``, nothing is written to stderr: worker output stays in Ray's log files
     (``/tmp/ray/session_latest/logs``), Ray's loggers report errors only, and Ray Data's own
     progress bars are off (the engine shows its own). Embedded Ray whose node misses Ray's fixed
@@ -288,8 +292,9 @@ def start(
             except (ConnectionError, TimeoutError) as err:
                 raise RayEngineError(
                     f"Ray クラスター {address} に接続できません ({err})。アドレスを確かめてください。"
-                    " トークン認証のクラスター (ray start の既定) なら RAY_AUTH_MODE=token と、"
-                    "トークン (~/.ray/auth_token または RAY_AUTH_TOKEN) も要ります"
+                    " クラスターがトークン認証を使っているなら (RAY_AUTH_MODE=token で、またはトークンのある"
+                    "ヘッドノードで ray start したとき)、こちらにも RAY_AUTH_MODE=token と同じトークン"
+                    " (~/.ray/auth_token または RAY_AUTH_TOKEN) が要ります"
                 ) from None
             except Exception as err:  # Ray raises a bare Exception when its node misses its fixed 30 s start
                 if address is not None or "timed out during startup" not in str(err):

@@ -53,7 +53,7 @@ def throughput_bar(table: ResultsTable, title: str | None = None, unit: str = "�
     ax.set_xlabel(f"{unit} (棒は中央値)" if ranged else unit)
     ax.set_title(title or table.title or "スループット")
     for bar, row in zip(bars, rows, strict=True):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row['speedup']:.1f}×", va="center")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row['speedup']:.2f}×", va="center")
     ax.margins(x=0.15)
     fig.tight_layout()
     return fig
@@ -201,7 +201,7 @@ def speedup_bar(
     ax.invert_yaxis()
     ax.set_xlabel("倍 (1.0 = 基準と同じ速さ)")
     ax.set_title(title)
-    ax.margins(x=0.15)
+    ax.margins(x=0.25)  # room for the value written after the longest bar
     fig.tight_layout()
     return fig
 

@@ -1,25 +1,26 @@
-"""The instructor's plan adds up: every 所要時間 covers its reading time, every slot its excerpt, every
-excerpt runs alone (helpers.tooling.workshop)."""
+"""The instructor's plan adds up: every 所要時間 covers its reading time, every slot its excerpt plus its
+waiting, the guide's totals are the sums, every excerpt runs alone (helpers.tooling.workshop)."""
 
 from __future__ import annotations
 
 import itertools
+import re
 
 import nbformat
 import pytest
 
 from helpers.tooling.notebooks import notebooks
 from helpers.tooling.workshop import (
+    PLANS,
     Excerpt,
     guide_text,
     reading_minutes,
     rounded_up,
     stated_minutes,
     timetable,
+    total_stated_minutes,
     undefined_names,
 )
-
-PLANS = ["## 時間割 (3 時間)", "## 2 回目の時間割 (3 時間)"]
 
 
 def _code(*sources: str) -> list[nbformat.NotebookNode]:
@@ -41,13 +42,34 @@ def test_each_plan_fills_three_hours_and_every_slot_fits_its_excerpt(heading: st
         assert before.end == after.start, after.text
     taught = [s for s in slots if s.excerpt]
     assert len(taught) >= 3, heading
+    for slot in slots:
+        assert (slot.wait or 0) <= slot.minutes, slot.text
     for slot in taught:
         needed = reading_minutes(slot.excerpt.cells())
-        assert needed <= slot.minutes, (slot.text, round(needed, 1))
-        assert slot.text.endswith(f"| {round(needed)} 分 |"), (
+        assert slot.wait is not None, slot.text  # every taught row gives its waiting (set-up, download, runs)
+        assert needed + slot.wait <= slot.minutes, (slot.text, round(needed, 1), slot.wait)
+        assert slot.text.endswith(f"| {round(needed)} 分 | {slot.wait} 分 |"), (
             slot.text,
             round(needed),
-        )  # the column is computed
+        )  # the reading column is computed
+
+
+def test_the_guide_states_the_totals_it_computes() -> None:
+    """The introduction's sum of every 所要時間, the reading the two plans teach, and the rest (homework)."""
+    guide = guide_text()
+    total = total_stated_minutes()
+    taught = sum(
+        round(reading_minutes(slot.excerpt.cells()))
+        for heading in PLANS
+        for slot in timetable(guide, heading)
+        if slot.excerpt
+    )
+    sentence = r"合計は (\d+) 分.*?合わせて (\d+) 分.*?残りの約 (\d+) 分 \((\d+) − (\d+)\)"
+    stated = re.search(sentence, guide, re.S)
+    assert stated, "INSTRUCTOR.md: the totals sentence is missing"
+    expected = [total, taught, total - taught, total, taught]
+    assert [int(n) for n in stated.groups()] == expected, (total, taught)
+    assert f"({total} 分・{taught} 分・{total - taught} 分)" in guide
 
 
 @pytest.mark.parametrize("heading", PLANS)
@@ -81,12 +103,12 @@ def test_the_timetable_is_read_from_its_table() -> None:
         [
             "## 時間割 (3 時間)",
             "",
-            "| 時刻 | 内容 | ノートブック | 範囲 | 読む時間の見積もり |",
-            "|---|---|---|---|---|",
-            "| 0:00–0:15 | 導入 | 00 | 全体 | 12 分 |",
-            "| 0:15–0:50 | 計算 | 01 | 1〜4 節 | 33 分 |",
-            "| 0:50–1:00 | 休憩 | | | |",
-            "| 1:00–1:30 | 測り方 | 05 | 1 節 | 30 分 |",
+            "| 時刻 | 内容 | ノートブック | 範囲 | 読む時間の見積もり | 待ち |",
+            "|---|---|---|---|---|---|",
+            "| 0:00–0:15 | 導入 | 00 | 全体 | 12 分 | 2 分 |",
+            "| 0:15–0:50 | 計算 | 01 | 1〜4 節 | 33 分 | 1 分 |",
+            "| 0:50–1:00 | 休憩 | | | | 3 分 |",
+            "| 1:00–1:30 | 測り方 | 05 | 1 節 | 30 分 | |",
             "",
             "## 次の節",
             "| 1:00–2:00 | ここは別の表 | 02 | 全体 | |",
@@ -97,3 +119,4 @@ def test_the_timetable_is_read_from_its_table() -> None:
     assert slots[0].excerpt == Excerpt("00") and slots[1].excerpt == Excerpt("01", 4)
     assert slots[2].excerpt is None and slots[3].excerpt == Excerpt("05", 1)
     assert slots[1].minutes == 35
+    assert [s.wait for s in slots] == [2, 1, 3, None]

@@ -3,9 +3,10 @@
 The estimate is a reading model, not a measurement of a class: prose at ``PROSE_CHARS_PER_MIN``
 characters a minute, lesson code at ``LESSON_LINES_PER_MIN`` lines a minute (read, run, look at the
 output), scaffolding (``# 補助コード`` and the set-up cell) skimmed at ``SCAFFOLD_LINES_PER_MIN``. Waiting
-for a run on Colab comes on top; each notebook's ``所要時間`` line says it. The exercises (``## 練習問題``
+for a run on Colab comes on top; each notebook's ``所要時間`` line says it, and each row of the guide's
+timetable gives it its own column (``待ち``, minutes, an expectation). The exercises (``## 練習問題``
 onwards) are not counted. ``notebooks/INSTRUCTOR.md`` states the rates, and ``tests/test_workshop.py``
-holds every ``所要時間`` line and the guide's timetable to them.
+holds every ``所要時間`` line, the guide's timetable (reading + waiting per row) and its totals to them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ PROSE_CHARS_PER_MIN = 400
 LESSON_LINES_PER_MIN = 8
 SCAFFOLD_LINES_PER_MIN = 30
 EXERCISES = "## 練習問題"
+PLANS = ("## 時間割 (3 時間)", "## 2 回目の時間割 (3 時間)")
+"""The headings of the guide's timetables."""
 _SECTION = re.compile(r"^## (\d+)\. ", re.MULTILINE)
 
 
@@ -142,12 +145,14 @@ def rounded_up(minutes: float, step: int = 5) -> int:
 
 @dataclass(frozen=True)
 class Slot:
-    """One row of the guide's timetable: ``| 0:10–0:55 | 内容 | 01 | 1〜6 節 | …`` (or ``全体``, ``1 節``)."""
+    """One row of the guide's timetable: ``| 0:10–0:55 | 内容 | 01 | 1〜6 節 | 読む | 待ち |`` (range also
+    ``全体``, ``1 節``); ``wait`` is the last column's minutes (``N 分``), None when it is empty."""
 
     start: int
     end: int
     excerpt: Excerpt | None
     text: str
+    wait: int | None = None
 
     @property
     def minutes(self) -> int:
@@ -157,6 +162,7 @@ class Slot:
 
 _ROW = re.compile(r"^\| (\d+):(\d\d)[–-](\d+):(\d\d) \|(.*)$")
 _RANGE = re.compile(r"\| (\d\d) \| (全体|1 節|1〜(\d+) 節) \|")
+_MINUTES = re.compile(r"(\d+) 分")
 
 
 def timetable(guide: str, heading: str) -> list[Slot]:
@@ -175,7 +181,10 @@ def timetable(guide: str, heading: str) -> list[Slot]:
         if found:
             last = 1 if found.group(2) == "1 節" else int(found.group(3)) if found.group(3) else None
             excerpt = Excerpt(found.group(1), last)
-        slots.append(Slot(int(h1) * 60 + int(m1), int(h2) * 60 + int(m2), excerpt, line))
+        last_column = line.rstrip().rstrip("|").rsplit("|", 1)[-1].strip()
+        wait = _MINUTES.fullmatch(last_column)
+        start, end = int(h1) * 60 + int(m1), int(h2) * 60 + int(m2)
+        slots.append(Slot(start, end, excerpt, line, int(wait.group(1)) if wait else None))
     return slots
 
 
@@ -184,13 +193,30 @@ def guide_text() -> str:
     return (NOTEBOOK_DIR / "INSTRUCTOR.md").read_text(encoding="utf-8")
 
 
+def total_stated_minutes() -> int:
+    """The sum of every notebook's ``所要時間`` (the guide's introduction states it)."""
+    return sum(stated_minutes(path) for path in notebooks())
+
+
 def main() -> None:
-    """Print each notebook's estimate, per section, next to its ``所要時間`` (to write the plan)."""
+    """Print each notebook's estimate, per section, next to its ``所要時間``, then the guide's plans
+    (reading + waiting per row against its length), to write and check the plan."""
+    print(f"所要時間の合計: {total_stated_minutes()} 分")
     for path in notebooks():
         whole = Excerpt(path.name[:2])
         print(f"{path.name}: 約 {reading_minutes(whole.cells()):.0f} 分 (所要時間 {stated_minutes(path)} 分)")
         for last in whole.sections():
             print(f"  1〜{last} 節: {reading_minutes(Excerpt(whole.number, last).cells()):.0f} 分")
+    guide, taught = guide_text(), 0
+    for heading in PLANS:
+        print(heading)
+        for slot in timetable(guide, heading):
+            reading = reading_minutes(slot.excerpt.cells()) if slot.excerpt else 0.0
+            taught += round(reading)
+            spare = slot.minutes - reading - (slot.wait or 0)
+            time = slot.text.split(" |")[0]
+            print(f"  {time} 読む {reading:.1f} + 待ち {slot.wait or 0} 分 (余り {spare:.1f} 分)")
+    print(f"授業中に読む見積もりの合計: {taught} 分、残り {total_stated_minutes() - taught} 分")
 
 
 if __name__ == "__main__":

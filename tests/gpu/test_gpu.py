@@ -153,6 +153,46 @@ def test_dali_mixed_decoding_matches_pil(record: Callable[..., None], tmp_path: 
     assert not problems, "\n".join(problems)
 
 
+def test_dali_mixed_training_epochs_read_every_file_once(record: Callable[..., None], tmp_path: Path) -> None:
+    """``helpers.dali.training_pipeline(..., decoder="mixed")``, shuffled, through the iterator of
+    notebook 04: 3 epochs, each reads every file exactly once, in its own order, with the batches on
+    the GPU (``tests/test_dali_epoch.py`` checks the same for the CPU decoder, on its tiny files)."""
+    device = _needs("epoch exactness of the mixed training pipeline", "dali")
+    from collections import Counter
+
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from helpers import dali
+
+    te = _test_module("test_dali_epoch")
+    n, decoder = te.N_FILES, "mixed" if device == "cuda" else "cpu"
+    pipe = dali.training_pipeline(te._tiny_jpegs(tmp_path, n), te.BATCH, decoder, size=8, labels=range(n))
+    loader = DALIGenericIterator(
+        pipe,
+        dali.TRAIN_OUTPUTS,
+        reader_name=dali.READER_NAME,
+        last_batch_policy=LastBatchPolicy.PARTIAL,
+        auto_reset=True,
+    )
+    epochs, devices = [], set()
+    for _ in range(te.EPOCHS):
+        labels = []
+        for batch in loader:
+            devices |= {batch[0]["images"].device.type, batch[0]["labels"].device.type}
+            labels += batch[0]["labels"].view(-1).tolist()
+        epochs.append(labels)
+    counts = [Counter(labels) for labels in epochs]
+    missed = [n - len(c) for c in counts]
+    twice = [sum(1 for k in c.values() if k > 1) for c in counts]
+    record(decoder=decoder, files=n, batch=te.BATCH, missed=missed, read_twice=twice, devices=sorted(devices))
+    assert devices == {device}, f"batches on {devices}, expected {device}"
+    for number, labels in enumerate(epochs, start=1):
+        assert sorted(labels) == list(range(n)), f"epoch {number}: missed {missed[number - 1]}"
+    assert epochs[0] != sorted(epochs[0]), "the training pipeline does not shuffle"
+    assert epochs[1] != epochs[0] and epochs[2] != epochs[1], "every epoch should have its own order"
+
+
 def test_fp16_autocast_matches_float32(record: Callable[..., None]) -> None:
     """The engines' model step (``encode_batch``) with fp16 autocast against float32, on a ViT-B/16
     CLIP of the real size with random weights: embeddings and label probabilities."""
