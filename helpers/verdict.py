@@ -35,6 +35,8 @@ __all__ = [
     "compare",
     "compare_distributions",
     "largest_stage",
+    "say",
+    "this_run",
 ]
 
 SINGLE_RUN_FACTOR = 1.5
@@ -193,3 +195,15 @@ def largest_stage(stages: Mapping[str, float], unit: str = "ms") -> str:
     name, value = max(stages.items(), key=lambda item: item[1])
     share = value / total if total > 0 else 0.0
     return f"いちばん長い段階は「{name}」({value:.3g} {unit}、全体の {share * 100:.0f} %)"
+
+
+def this_run(*parts: Verdict | str) -> str:
+    """One line ``この実行では: <part1>。<part2>`` from verdicts or sentences computed from this run."""
+    if not parts:
+        raise ValueError("no parts given")
+    return "この実行では: " + "。".join(str(part).rstrip("。") for part in parts)
+
+
+def say(*parts: Verdict | str) -> None:
+    """Print :func:`this_run`'s line (what this run shows, beside the prose about the Colab T4)."""
+    print(this_run(*parts))
