@@ -47,7 +47,7 @@ def test_relative_links_resolve(page: Path) -> None:
     assert page.is_file(), page
     links = relative_links(page)
     assert links, f"{page.name} links to nothing in the repository"
-    missing = [t for t in links if not (page.parent / t.split("#")[0].split("?")[0]).exists()]
+    missing = [t for t in links if not (page.parent / t.split("#")[0].split("?")[0]).is_file()]
     assert not missing, f"{page.relative_to(REPO_ROOT)}: links to missing files {missing}"
 
 
