@@ -59,7 +59,7 @@ __all__ = [
 RANK = "_source_rank"
 """A column :func:`sorted_merge` adds while sorting: rows of later sources win over earlier ones."""
 
-BUCKET_ROWS = 32_768
+BUCKET_ROWS = 16_384
 """Listed paths per bucket of :func:`sorted_merge` (its memory: a few buckets of rows)."""
 
 
