@@ -299,3 +299,24 @@ def test_take_list_copies_rows_as_arrow_take_does() -> None:
     assert parts._take_list(column, indices).equals(column.take(pa.array(indices)))
     ragged = pa.array([[1.0], None, [2.0, 3.0]], type=pa.list_(pa.float16()))  # not one length
     assert parts._take_list(ragged, np.array([2, 0])).equals(ragged.take(pa.array([2, 0])))
+
+
+def test_a_failing_embeddings_write_leaves_the_csv_as_it_was(run, monkeypatch) -> None:
+    out, names = run
+    old_csv(out, names)
+    before = out.read_bytes()
+
+    def fail(to, tables):
+        next(iter(tables))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(parts, "_write_embeddings", fail)
+    to = parts.EmbeddingsTarget(str(out.with_name("emb.parquet")), MODEL, FINGERPRINT)
+    with pytest.raises(OSError, match="disk full"):
+        parts.merge(out, HEADER, parts.parts_dir(out), names, True, to)
+    assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == [
+        out.name,
+        parts.parts_dir(out).name,
+    ]
+    assert not (parts.parts_dir(out) / "_merge").exists()  # the bucket files are gone, the shards stay
+    assert parts.shard_files(parts.parts_dir(out))
