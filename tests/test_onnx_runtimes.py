@@ -112,10 +112,10 @@ def test_int8_static_is_qdq_calibrated_in_bounded_chunks(model, cache: Path, mon
     seen: dict = {}
     real = quantize.int8_static
 
-    def spy(src, dst, calibration, per_channel=True, chunk=quantize.CALIBRATION_CHUNK):
+    def spy(src, dst, calibration, chunk=quantize.CALIBRATION_CHUNK):
         batches = list(calibration)
         seen.update(batches=[b.shape for b in batches], chunk=chunk)
-        return real(src, dst, batches, per_channel, chunk)
+        return real(src, dst, batches, chunk)
 
     monkeypatch.setattr(quantize, "int8_static", spy)
     path = runtimes.build(model, files, "image", "int8-static")

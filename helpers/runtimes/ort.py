@@ -75,7 +75,7 @@ def session(
     if first != wanted:
         raise RuntimeUnavailable(
             f"{wanted} を使えませんでした (ONNX Runtime は {first} に黙って切り替えました):"
-            " GPU のドライバーと CUDA/cuDNN (TensorRT) のライブラリーを確かめてください"
+            " GPU のドライバーと CUDA/cuDNN (TensorRT) のライブラリを確かめてください"
         )
     return made
 

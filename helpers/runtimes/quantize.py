@@ -13,20 +13,29 @@
   (``keep_io_types``), for ONNX Runtime's CUDA provider.
 
 The quantiser's own shape inference trips over the type annotations PyTorch's exporter leaves on
-intermediate values, so each function works from a copy without them (:func:`_plain_copy`).
+intermediate values, so each function works from a copy without them (:func:`plain_copy`).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from helpers.runtimes.export import quiet_export
 
-__all__ = ["CALIBRATION_BATCH", "CALIBRATION_CHUNK", "STATIC_OPS", "fp16", "int8_dynamic", "int8_static"]
+__all__ = [
+    "CALIBRATION_BATCH",
+    "CALIBRATION_CHUNK",
+    "STATIC_OPS",
+    "PixelBatches",
+    "fp16",
+    "int8_dynamic",
+    "int8_static",
+    "plain_copy",
+]
 
 STATIC_OPS: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
 """What :func:`int8_static` quantises (the rest of the graph stays float32)."""
@@ -36,7 +45,7 @@ CALIBRATION_CHUNK = 4
 """Calibration runs whose intermediate outputs are kept before they are folded into ranges."""
 
 
-def _plain_copy(src: Path, folder: Path) -> Path:
+def plain_copy(src: Path, folder: Path) -> Path:
     """``src`` saved into ``folder`` without its ``value_info`` annotations (weights as external data)."""
     import onnx
 
@@ -47,49 +56,42 @@ def _plain_copy(src: Path, folder: Path) -> Path:
     return out
 
 
-def int8_dynamic(src: str | Path, dst: str | Path) -> Path:
-    """``quantize_dynamic`` of ``src`` into ``dst`` (signed INT8 weights); returns ``dst``."""
+def int8_dynamic(src: Path, dst: Path) -> Path:
+    """``quantize_dynamic`` of ``src`` into ``dst``: INT8 weights, activations quantised per batch."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory() as tmp, quiet_export():
-        quantize_dynamic(_plain_copy(src, Path(tmp)), dst, weight_type=QuantType.QInt8)
+        quantize_dynamic(plain_copy(src, Path(tmp)), dst, weight_type=QuantType.QInt8)
     return dst
 
 
-class _Reader:
-    """ONNX Runtime's ``CalibrationDataReader`` over batches of pixel values."""
+class PixelBatches:
+    """ONNX Runtime's calibration reader (its ``get_next``) over float32 pixel batches."""
 
-    def __init__(self, batches: Iterable[np.ndarray], input_name: str = "pixel_values") -> None:
-        self._batches: Iterator[np.ndarray] = iter(batches)
-        self._name = input_name
+    def __init__(self, batches: Iterable[np.ndarray], name: str = "pixel_values") -> None:
+        self.batches = iter(batches)
+        self.name = name
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {self._name: np.ascontiguousarray(batch, dtype=np.float32)}
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: batch}
 
 
 def int8_static(
-    src: str | Path,
-    dst: str | Path,
-    calibration: Iterable[np.ndarray],
-    per_channel: bool = True,
-    chunk: int = CALIBRATION_CHUNK,
+    src: Path, dst: Path, calibration: Iterable[np.ndarray], chunk: int = CALIBRATION_CHUNK
 ) -> Path:
-    """``quantize_static`` (QDQ, MinMax ranges from ``calibration``: float32 pixel batches
-    [b, 3, H, W], the model's own preprocessing) of the image tower ``src`` into ``dst``."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """``quantize_static`` (QDQ, per-channel weights) of the image tower ``src`` into ``dst``, the
+    activations' ranges from ``calibration`` (float32 pixel batches), folded every ``chunk`` runs."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calibration)
-    src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory() as tmp, quiet_export():
         quantize_static(
-            _plain_copy(src, Path(tmp)),
+            plain_copy(src, Path(tmp)),
             dst,
-            reader,
+            PixelBatches(calibration),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(STATIC_OPS),
-            per_channel=per_channel,
+            per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             extra_options={"CalibMaxIntermediateOutputs": chunk},
