@@ -258,3 +258,27 @@ def test_a_wrong_export_is_refused(model, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(export, "EXPORT_TOLERANCE", -1.0)
     with pytest.raises(export.ExportError, match="eager と合いません"):
         export.exported(model, tmp_path)
+
+
+def test_static_calibration_in_windows_gives_the_ranges_of_one_pass(
+    model, cache: Path, tmp_path: Path
+) -> None:
+    """Bounded memory must not cost calibration data: 12 batches in windows of 4 (CalibStridedMinMax)
+    give the same quantised model as all 12 in one pass."""
+    assert [quantize.stride_for(n) for n in (9, 7, 12, 2)] == [3, 1, 4, 2]
+    files = export.exported(model, cache)
+    pictures = [
+        shapes.draw_shape(label, seed)
+        for seed in range(3)
+        for label in ("赤い丸", "青い三角", "緑の四角", "黄色い星")
+    ]
+    batches = [model.preprocess([p]).numpy() for p in pictures]
+    windowed = quantize.int8_static(files.image, tmp_path / "windowed.onnx", batches, chunk=4)
+    one_pass = quantize.int8_static(files.image, tmp_path / "one_pass.onnx", batches, chunk=len(batches))
+    pixels = _pixels(model, 6).numpy()
+    a = ort.session(windowed, "cpu").run(["features"], {"pixel_values": pixels})[0]
+    b = ort.session(one_pass, "cpu").run(["features"], {"pixel_values": pixels})[0]
+    assert np.array_equal(a, b)
+    last_window_only = quantize.int8_static(files.image, tmp_path / "last.onnx", batches[-4:], chunk=4)
+    c = ort.session(last_window_only, "cpu").run(["features"], {"pixel_values": pixels})[0]
+    assert not np.array_equal(a, c)  # the earlier windows counted
