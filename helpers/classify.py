@@ -54,11 +54,9 @@ import os
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -67,9 +65,6 @@ from helpers import embeddings, engines, env, parts, runtimes, zeroshot
 from helpers.data import IMAGE_EXTENSIONS, ImageListing, scan_images
 from helpers.engines import Record
 from helpers.models import ClipModel, add_loading_options
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 NONE_LABEL = "none"
 """``label_1`` of an image whose best raw cosine similarity is below ``--min-score``."""
@@ -518,7 +513,7 @@ def _run_on_ray(
     """``--engine ray``: the workers write shards to ``OUT.parts/``; the driver merges them at the end.
 
     The driver holds the file list and sets of paths (what is done), never a result row or an
-    embedding while the job runs; the merge streams bucket by bucket (:func:`helpers.parts.sorted_merge`).
+    embedding while the job runs; the merge sorts bucket by bucket (:func:`helpers.parts.merge`).
     """
     from helpers import engines_ray
 
@@ -585,10 +580,15 @@ def _run_on_ray(
         if args.ray_stats:
             print(ray_stats.ray_stats, file=sys.stderr)
     listing = sorted(names)
-    if args.embeddings:
-        _merge_embeddings(args.embeddings, model, shards, listing, old_embeddings)
-    header = csv_header(args.top_k)
-    counts = _merge_csv(args.out, header, shards, listing, old_csv, fallbacks)
+    embeddings_to = (
+        parts.EmbeddingsTarget(args.embeddings, model.name, model.fingerprint, old_embeddings)
+        if args.embeddings
+        else None
+    )
+    counts, decoders = parts.merge(args.out, csv_header(args.top_k), shards, listing, old_csv, embeddings_to)
+    if fallbacks is not None:
+        for decoder, times in decoders.items():
+            engines_ray.count_decoder(fallbacks, decoder, times)
     seconds = time.perf_counter() - start  # the last row is written
     shutil.rmtree(shards, ignore_errors=True)
     return _report(counts, skipped, len(todo), seconds, model, args, fallbacks, "torch " + settings.precision)
@@ -622,102 +622,6 @@ def _write_sidecar(args: argparse.Namespace, model: ClipModel, settings: RunSett
     sidecar_path(args.out).write_text(
         json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
-
-
-def _csv_tables(out: Path, header: list[str], chunk_rows: int = 8192) -> Iterator[pa.Table]:
-    """The complete rows of an existing CSV, as string tables of ≤ ``chunk_rows`` rows."""
-    import pyarrow as pa
-
-    schema = pa.schema([pa.field(c, pa.string()) for c in header])
-    with open(out, encoding="utf-8", newline="") as handle:
-        chunk: list[dict[str, str]] = []
-        for row in csv.DictReader(handle):
-            if row.get("status") in {"ok", "error"}:
-                chunk.append({c: row.get(c) or "" for c in header})
-            if len(chunk) >= chunk_rows:
-                yield pa.Table.from_pylist(chunk, schema=schema)
-                chunk = []
-        if chunk:
-            yield pa.Table.from_pylist(chunk, schema=schema)
-
-
-def _merge_csv(
-    out: Path, header: list[str], shards: Path, listing: list[str], old_csv: bool, fallbacks
-) -> dict[str, int]:
-    """Write ``out`` (atomically) from the old CSV's rows and the shards, sorted; returns the counts."""
-    import pyarrow as pa
-
-    from helpers import engines_ray
-
-    schema = pa.schema([pa.field(c, pa.string()) for c in [*header, "decoder"]])
-    sources = [_csv_tables(out, header)] if old_csv else []
-    sources.append(parts.shard_tables(shards, schema.names))
-    counts = {"ok": 0, "error": 0}
-    tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
-            writer.writeheader()
-            merged = parts.sorted_merge(sources, schema, listing, shards / "_merge")
-            for batch in (b for table in merged for b in table.to_batches(max_chunksize=2048)):
-                for row in batch.to_pylist():
-                    counts[row["status"]] += 1
-                    if fallbacks is not None and row["decoder"]:
-                        engines_ray.count_decoder(fallbacks, row["decoder"])
-                    writer.writerow({k: v or "" for k, v in row.items()})
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return counts
-
-
-def _merge_embeddings(target: str, model: ClipModel, shards: Path, listing: list[str], old: bool) -> None:
-    """Write ``--embeddings`` from its old rows (``--resume``) and the shards: a sorted ``.parquet``
-    file, or a directory of sorted shards (one per merge bucket; old shards removed after)."""
-    schema = embeddings.schema(model.name, model.fingerprint)
-    columns = ["path", "status", "embedding"]
-    sources = [_embedding_tables(target)] if old else []
-    sources.append(parts.shard_tables(shards, columns, require=["embedding"]))
-    merged = parts.sorted_merge(sources, schema, listing, shards / "_merge_embeddings")
-    if target.endswith(".parquet"):
-        with embeddings.EmbeddingsWriter(target, model.name, model.fingerprint) as writer:
-            for table in merged:
-                writer.write_table(table)
-        return
-    filesystem, inner = embeddings.filesystem_of(target)
-    filesystem.create_dir(inner, recursive=True)
-    before = embeddings.files_of(target)[1] if old or _has_parquet(target) else []
-    run = uuid.uuid4().hex[:8]
-    for i, table in enumerate(merged):
-        with embeddings.EmbeddingsWriter(
-            f"{target.rstrip('/')}/part-{i:05d}-{run}.parquet", model.name, model.fingerprint
-        ) as writer:
-            writer.write_table(table)
-    for path in before:
-        filesystem.delete_file(path)
-
-
-def _has_parquet(target: str) -> bool:
-    try:
-        embeddings.files_of(target)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _embedding_tables(target: str, chunk_rows: int = 8192) -> Iterator[pa.Table]:
-    """The rows of an existing embeddings file or directory, chunk by chunk."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    filesystem, files = embeddings.files_of(target)
-    for inner in files:
-        with filesystem.open_input_file(inner) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(
-                batch_size=chunk_rows, columns=["path", "status", "embedding"]
-            ):
-                yield pa.Table.from_batches([batch])
 
 
 def _report(counts, skipped, done_now, seconds, model, args, fallbacks, runtime_label: str) -> int:

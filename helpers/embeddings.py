@@ -75,6 +75,21 @@ def schema(model_name: str, model_fingerprint: str) -> pa.Schema:
     )
 
 
+def parquet_options(names: Sequence[str]) -> dict[str, object]:
+    """Parquet writer options for a table with the columns ``names``, an ``embedding`` among them.
+
+    The embedding column is written plain: no dictionary, no compression, no statistics (random
+    float16 values hardly compress; with pyarrow's defaults a 100-row shard takes about 3.5 times as
+    long to write and 5 times as long to read). The other columns keep the defaults (dictionary, snappy).
+    """
+    others = [name for name in names if name != "embedding"]
+    return {
+        "use_dictionary": others,
+        "write_statistics": others,
+        "compression": {name: "none" if name == "embedding" else "snappy" for name in names},
+    }
+
+
 def filesystem_of(where: str | Path):
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
     import pyarrow.fs
@@ -177,7 +192,9 @@ class EmbeddingsWriter:
         self._tmp = f"{inner}.{uuid.uuid4().hex[:8]}.tmp"
         if "://" not in self.out:
             Path(inner).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, filesystem=self._fs)
+        self._writer = pq.ParquetWriter(
+            self._tmp, self.schema, filesystem=self._fs, **parquet_options(self.schema.names)
+        )
 
     def _relative(self, path: Path) -> str:
         if self.root is not None:
@@ -225,7 +242,10 @@ class EmbeddingsWriter:
             )
             merged = pa.concat_tables([old.filter(keep), new.cast(self.schema)]).sort_by("path")
             pq.write_table(
-                merged.replace_schema_metadata(self.schema.metadata), self._tmp, filesystem=self._fs
+                merged.replace_schema_metadata(self.schema.metadata),
+                self._tmp,
+                filesystem=self._fs,
+                **parquet_options(self.schema.names),
             )
             self.rows = merged.num_rows
         self._fs.move(self._tmp, self._final)

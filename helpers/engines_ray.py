@@ -600,13 +600,14 @@ def _mismatch(name: str, expected: str, found: str) -> str:
     )
 
 
-def count_decoder(fallbacks: Fallbacks, decoder: str) -> None:
-    """Count one row's ``decoder`` column (``"dali"``, ``"by_design:REASON"``, ``"after_error:REASON"``)."""
+def count_decoder(fallbacks: Fallbacks, decoder: str, times: int = 1) -> None:
+    """Count ``times`` rows whose ``decoder`` column is ``decoder`` (``"dali"``, ``"by_design:REASON"``,
+    ``"after_error:REASON"``)."""
     if decoder == "dali":
-        fallbacks.dali += 1
+        fallbacks.dali += times
     elif ":" in decoder:
         kind, reason = decoder.split(":", 1)
-        (fallbacks.by_design if kind == "by_design" else fallbacks.after_error)[reason] += 1
+        (fallbacks.by_design if kind == "by_design" else fallbacks.after_error)[reason] += times
 
 
 @contextlib.contextmanager
@@ -871,7 +872,7 @@ def write_parts(
         )
         begin = time.perf_counter()
         try:
-            dataset.write_parquet(str(out_dir), schema=schema)
+            dataset.write_parquet(str(out_dir), schema=schema, **embeddings.parquet_options(schema.names))
         except Exception as err:  # Ray wraps what a worker raised: say the engine's own error
             cause = _engine_cause(err)
             if cause is not None:

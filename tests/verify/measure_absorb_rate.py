@@ -15,7 +15,7 @@ error. Then, in embedded Ray with ``--cpus`` CPUs:
 - **new, workers**: ``engines_ray.to_part_rows`` (labels by ``classify.Labeller``) and Ray Data's
   ``write_parquet`` run in the workers; the driver only waits;
 - **new, merge**: at the end the driver merges the shards into the sorted CSV and embeddings file
-  (``helpers.parts.sorted_merge``), once, streaming.
+  (``helpers.parts.merge``), once; ``tests/verify/measure_merge.py`` times that step alone at scale.
 
 Rates are rows/s over the whole stage (Ray started beforehand; the source map included). On a
 cluster the worker stage grows with the CPUs; the old path stays one Python process.
@@ -66,7 +66,7 @@ def main() -> int:
     import ray.data
     import torch
 
-    from helpers import classify, embeddings, engines, engines_ray
+    from helpers import classify, embeddings, engines, engines_ray, parts
     from helpers.models import load_clip
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,21 +140,22 @@ def main() -> int:
             schema = engines_ray.parts_schema(
                 model.name, model.fingerprint, labeller.columns, with_embeddings=True
             )
+            options = embeddings.parquet_options(schema.names)  # as engines_ray.write_parts
             begin = time.perf_counter()
             source().map_batches(
                 engines_ray.to_part_rows,
                 fn_kwargs={"model_name": model.name, "model_fingerprint": model.fingerprint,
                            "formatter": labeller, "schema": schema},
                 batch_size=None, batch_format="numpy",
-            ).write_parquet(str(shards), schema=schema)  # fmt: skip
+            ).write_parquet(str(shards), schema=schema, **options)  # fmt: skip
             new_s = time.perf_counter() - begin
             results.append(("new, workers: labels + Parquet shards written by Ray Data", new_s))
 
             # ---- new: the driver's one streaming merge at the end
             names = sorted(f"dir{i % 97:02d}/img{i:08d}.jpg" for i in range(args.rows))
             begin = time.perf_counter()
-            counts = classify._merge_csv(tmp / "new.csv", header, shards, names, False, None)
-            classify._merge_embeddings(str(tmp / "new.parquet"), model, shards, names, False)
+            to = parts.EmbeddingsTarget(str(tmp / "new.parquet"), model.name, model.fingerprint)
+            counts, _ = parts.merge(tmp / "new.csv", header, shards, names, False, to)
             merge_s = time.perf_counter() - begin
             results.append(
                 ("new, merge: sorted CSV + embeddings file from the shards (driver, once)", merge_s)
