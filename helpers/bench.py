@@ -22,6 +22,10 @@ backend, when ``helpers.dali.iter_preprocessed`` exists and DALI imports, once p
 sweeps them in one run). Every variant computes the label text features **once**, before its loop,
 as the original article did.
 
+``--runtime torch,onnx --precision fp32,int8`` adds one row per pair this machine can run
+(:func:`runtime_pairs`): variant g with the model run by :mod:`helpers.runtimes` (ONNX files are
+exported or read from the cache before the clock starts); the variants above stay as they are.
+
 The same run measures the **ceiling** of the read path: processes (one per usable core) that only
 decode and apply the model's geometry, with full-size and with reduced-size JPEG decoding, no
 model; every variant is reported as a share of the reduced-size ceiling.
@@ -46,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from helpers import engines, env
+from helpers import engines, env, runtimes
 from helpers.data import BUILD_DIR, ImageReadError, list_images, make_workload, open_image, sample_photos
 from helpers.models import (
     ClipModel,
@@ -76,6 +80,9 @@ DECODE_TOLERANCE = 1e-1
 """... for decoding JPEGs at reduced size (other pixels before the resize: README has the measured effect)."""
 DALI_TOLERANCE = 1e-1
 """... for DALI with autocast (another JPEG decoder and resize kernel: pixels differ by a few levels)."""
+INT8_TOLERANCE = 2e-1
+"""... for INT8 runtime rows: quantised weights and activations move a real model's cosines by ~1e-2,
+which its logit scale turns into up to ~0.2 in a probability (notebook 08's accuracy table measures it)."""
 PIL_SHARE_LIMIT = 0.05
 """Above this share of files decoded by PIL, a DALI row is labelled as such, not as a DALI speed."""
 TEMPLATE = "{}の写真"
@@ -357,6 +364,58 @@ def variants(
             name = f"DALI ({where} でデコード{detail})"
             chosen.append(Variant("dali", name, dali_variant(knobs), max(amp, DALI_TOLERANCE)))
     return chosen
+
+
+def runtime_pairs(
+    runtimes_asked: str | None, precisions_asked: str | None, device: str
+) -> list[runtimes.Choice]:
+    """The runtime rows asked for with ``--runtime A,B`` and ``--precision X,Y``: every pair of the
+    two lists that can run on ``device``. One pair asked for alone is refused when it cannot run
+    (:class:`helpers.runtimes.RuntimeUnavailable`, one line listing the valid pairs); of several,
+    those that cannot run are left out and named in one printed line."""
+    if not runtimes_asked and not precisions_asked:
+        return []
+    names = (runtimes_asked or "torch").split(",")
+    levels = (precisions_asked or "auto").split(",")
+    if len(names) * len(levels) == 1:
+        return [runtimes.choose(names[0], levels[0], device)]
+    chosen, left_out = [], []
+    for name in names:
+        for level in levels:
+            try:
+                choice = runtimes.choose(name, level, device)
+            except runtimes.RuntimeUnavailable:
+                left_out.append(f"{name} {level}")
+                continue
+            if choice not in chosen:
+                chosen.append(choice)
+    if left_out:
+        valid = ", ".join(f"{r} {p}" for r, p in runtimes.valid_pairs(device))
+        print(f"このマシンで動かない組み合わせは測りません: {', '.join(left_out)} (動くのは {valid})")
+    return chosen
+
+
+def runtime_variant(model: ClipModel, choice: runtimes.Choice) -> Variant:
+    """A row for ``choice``: variant g (the engine's default path) with the model run by that
+    runtime and precision (:func:`helpers.runtimes.use`; ONNX files exported or read from the cache
+    before the clock starts)."""
+    fast = runtimes.use(model, choice)
+
+    def engine_runtime(s: Setup) -> torch.Tensor:
+        texts = fast.label_features(s.texts)  # once, through the same runtime
+        embeddings = []
+        for records in engines.iter_embeddings(
+            fast, s.paths, "dataloader", s.batch_size, s.num_workers, amp=False, progress=False
+        ):
+            bad = next((r for r in records if r.status != "ok"), None)
+            if bad is not None:
+                raise ImageReadError(bad.path, bad.error)
+            embeddings.extend(r.embedding for r in records)
+        return fast.probabilities(torch.stack(embeddings), texts)
+
+    tolerance = INT8_TOLERANCE if choice.precision == "int8" else max(AMP_TOLERANCE, DECODE_TOLERANCE)
+    key = f"{choice.runtime}-{choice.precision}"
+    return Variant(key, f"g + {choice.label}", engine_runtime, tolerance)
 
 
 def with_compiled_images(model: ClipModel) -> ClipModel:
@@ -724,6 +783,13 @@ def build_parser() -> argparse.ArgumentParser:
         "T4 にはハードウェアデコーダーがない: 0 で T4 の見積もり",
     )
     parser.add_argument("--no-ceiling", action="store_true", help="デコードだけの上限を測らない")
+    parser.add_argument(
+        "--runtime",
+        help="ランタイムの行を足す: torch,onnx (カンマ区切り。--precision との組み合わせごとに 1 行)",
+    )
+    parser.add_argument(
+        "--precision", help="その行の精度: auto,fp32,fp16,bf16,int8 (カンマ区切り。onnx の int8 は CPU)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="書き出し先フォルダー")
     return parser
 
@@ -764,6 +830,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.variants:
         keys = {"a", *args.variants.split(",")}
         chosen = [v for v in chosen if v.key in keys]
+    try:
+        pairs = runtime_pairs(args.runtime, args.precision, model.device.type)
+        chosen += [runtime_variant(model, choice) for choice in pairs]
+    except (runtimes.RuntimeUnavailable, runtimes.ExportError) as err:
+        print(f"エラー: {err}", file=sys.stderr)
+        return 1
     repeats = args.repeats or (1 if env.quick_mode() else 3)
     report = Report(
         machine(args.note),

@@ -16,10 +16,12 @@ The model is never chosen behind the user's back: with ``auto`` (the default) an
 command stops and names ``--model embedded``; the model is checked once on a known picture before
 any file is read (``--no-check`` skips that). The last stdout line is the summary::
 
-    N files: K ok, E errors[, S skipped (not images)], T s, R images/s, model NAME (FINGERPRINT)
+    N files: K ok, E errors[, S skipped (not images)], T s, R images/s, model NAME (FP), runtime LABEL
 
-with R = files ÷ seconds from the first batch request to the last row written. Exit status: 0 when
-every file is ok, 2 when some files had errors (all rows still written), 1 on usage or model errors.
+with FP the model's fingerprint, LABEL the runtime and precision (``torch fp32``, ``onnx int8
+(CPUExecutionProvider)``) and R = files ÷ seconds from the first batch request to the last row
+written. Exit status: 0 when every file is ok, 2 when some files had errors (all rows still
+written), 1 on usage or model errors.
 
 ``--engine ray`` runs the same job on Ray Data (:mod:`helpers.engines_ray`): embedded on this
 machine, or on the cluster at ``--ray-address`` (else ``$RAY_ADDRESS``, read only with
@@ -31,6 +33,15 @@ finished CSV. With ``--engine ray`` the images may also be a ``s3://``, ``gs://`
 URI (listed and read through ``pyarrow.fs``). ``--embeddings OUT.parquet`` also writes the image
 embeddings (:mod:`helpers.embeddings`), searchable with ``python -m helpers.search``; with
 ``--engine ray`` a name not ending in ``.parquet`` is a directory of Parquet shards.
+
+``--runtime torch|onnx`` and ``--precision auto|fp32|fp16|bf16|int8`` choose what runs the model
+(:mod:`helpers.runtimes`): ``auto`` is fp16 autocast on CUDA and float32 on the CPU, as before;
+``torch bf16`` needs a CPU with native bfloat16 (or a GPU); ``onnx`` exports both towers to ONNX
+once (cached under ``build/onnx``) and runs them with ONNX Runtime: fp32 or int8 (dynamic
+quantisation) on the CPU, fp16 on CUDA. A pair this machine cannot run is refused in one line that
+lists the valid ones; ``--runtime onnx`` runs on the local engine with the DataLoader backend. The
+model check runs through the chosen runtime; the sidecar records runtime and precision, and
+``--resume`` refuses a CSV made with others.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import embeddings, engines, parts, zeroshot
+from helpers import embeddings, engines, env, parts, runtimes, zeroshot
 from helpers.data import IMAGE_EXTENSIONS, ImageListing, scan_images
 from helpers.engines import Record
 from helpers.models import ClipModel, add_loading_options
@@ -182,6 +193,10 @@ class RunSettings:
     min_score: float | None = None
     decode: str = "at size"
     """``"at size"`` (JPEGs decoded reduced, the default) or ``"exact"`` (``--exact-decode``)."""
+    runtime: str = "torch"
+    """What ran the model: ``torch`` or ``onnx`` (``--runtime``)."""
+    precision: str = "fp32"
+    """The precision it ran in, ``auto`` resolved (``--precision``): fp32, fp16, bf16 or int8."""
 
     def comparable(self) -> dict[str, object]:
         """The fields that must match for a resume."""
@@ -256,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="JPEG を縮小デコードせず、モデル自身の前処理で元の大きさから (以前と同じ結果、遅い)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--runtime",
+        choices=list(runtimes.RUNTIMES),
+        default="torch",
+        help="モデルを動かすもの (onnx: ONNX に書き出し ONNX Runtime で。--engine local と DataLoader だけ)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=list(runtimes.PRECISIONS),
+        default="auto",
+        help="auto: GPU は fp16、CPU は fp32。bf16 (bfloat16 の命令がある CPU か GPU)、int8 (onnx、CPU)",
+    )
     parser.add_argument("--backend", choices=["auto", "dataloader", "dali"], default="auto")
     parser.add_argument(
         "--engine", choices=["local", "ray"], default="local", help="処理を走らせる場所 (ray: Ray Data)"
@@ -291,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     """Classify; return the exit status (0 ok, 2 some errors). Raises UsageError / ModelLoadError."""
     from tqdm.auto import tqdm
 
-    from helpers.models import prepare
+    from helpers.models import check, prepare
 
     if args.top_k < 1:
         raise UsageError("--top-k は 1 以上にしてください")
@@ -320,10 +347,19 @@ def run(args: argparse.Namespace) -> int:
     shard_index, shard_count = parse_shard(args.shard)
     files = shard(inputs.files, shard_index, shard_count)
 
-    backend = engines.resolve_backend(args.backend)
-    print(engines.backend_notice(args.backend), file=sys.stderr)
-    model, note = prepare(args.model, run_check=not args.no_check, trust_remote_code=args.trust_remote_code)
-    print(note, file=sys.stderr)
+    choice = choose_runtime(args)
+    if choice.runtime == "onnx" and args.backend == "auto":
+        backend = "dataloader"
+        print("バックエンド: dataloader (--runtime onnx は DataLoader で動きます)", file=sys.stderr)
+    else:
+        backend = engines.resolve_backend(args.backend)
+        print(engines.backend_notice(args.backend), file=sys.stderr)
+    model, note = prepare(args.model, run_check=False, trust_remote_code=args.trust_remote_code)
+    if args.engine != "ray":  # Ray's workers load the model themselves, in the engine's own precision
+        model = runtimes.use(model, choice, log=lambda line: print(line, file=sys.stderr))
+    if not args.no_check and model.kind != "random":
+        note = check(model)  # through the chosen runtime: a model that lost its answers stops here
+    print(f"{note} [{choice.label}]", file=sys.stderr)
     settings = RunSettings(
         labels,
         templates,
@@ -333,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         args.top_k,
         args.min_score,
         "exact" if args.exact_decode else "at size",
+        choice.runtime,
+        choice.precision,
     )
     if args.engine == "ray":
         names = (
@@ -343,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
         locations = shard(uris, shard_index, shard_count) if uris else [str(p) for p in files]
         return _run_on_ray(args, model, settings, locations, names, inputs.skipped, backend)
     done = rows_done(args.out, settings) if args.resume else {}
+    runtime_label = choice.label
     if args.embeddings and done:  # rows whose embedding is not stored yet are done again
         have = _paths_with_embeddings(args.embeddings, model.fingerprint)
         done = {path: row for path, row in done.items() if path in have}
@@ -387,8 +426,8 @@ def run(args: argparse.Namespace) -> int:
                     trust_remote_code=args.trust_remote_code,
                     **options,
                 )
-            else:
-                batches = engines.iter_embeddings(model, todo, progress=False, **options)
+            else:  # the chosen runtime's model carries its precision: no second autocast around it
+                batches = engines.iter_embeddings(model, todo, progress=False, amp=False, **options)
             for records in batches:
                 for record in records:
                     writer.writerow(_row(relative[record.path], record, classifier, settings, model))
@@ -399,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(len(records))
             seconds = time.perf_counter() - start  # the last row is written
     _sort_csv(args.out, header)
-    return _report(counts, inputs.skipped, len(todo), seconds, model, args, fallbacks)
+    return _report(counts, inputs.skipped, len(todo), seconds, model, args, fallbacks, runtime_label)
 
 
 @dataclass(frozen=True)
@@ -442,6 +481,24 @@ class Labeller:
                 out[f"label_{rank}"][row] = self.labels[i]
                 out[f"prob_{rank}"][row] = f"{p:.4f}"
         return out
+
+
+def choose_runtime(args: argparse.Namespace) -> runtimes.Choice:
+    """``--runtime``/``--precision`` validated for this machine and the chosen engine and backend."""
+    if args.runtime == "onnx" and args.engine == "ray":
+        raise UsageError(
+            "--runtime onnx は --engine local だけで動きます (--engine ray とは一緒に使えません)"
+        )
+    if args.runtime == "onnx" and args.backend == "dali":
+        raise UsageError("--runtime onnx は DataLoader で動きます: --backend dali とは一緒に使えません")
+    if args.engine == "ray" and args.precision != "auto":
+        raise UsageError(
+            "--engine ray では --precision auto だけです (Ray のワーカーはモデルを自分で読み込みます)"
+        )
+    try:
+        return runtimes.choose(args.runtime, args.precision, env.device())
+    except runtimes.RuntimeUnavailable as err:
+        raise UsageError(str(err)) from None
 
 
 def _run_on_ray(
@@ -534,7 +591,7 @@ def _run_on_ray(
             engines_ray.count_decoder(fallbacks, decoder, times)
     seconds = time.perf_counter() - start  # the last row is written
     shutil.rmtree(shards, ignore_errors=True)
-    return _report(counts, skipped, len(todo), seconds, model, args, fallbacks)
+    return _report(counts, skipped, len(todo), seconds, model, args, fallbacks, "torch " + settings.precision)
 
 
 def _check_sidecar(out: Path, settings: RunSettings) -> None:
@@ -545,8 +602,10 @@ def _check_sidecar(out: Path, settings: RunSettings) -> None:
             f"{out} の設定ファイル {side.name} がないので再開できません (--resume を外すか別の --out に)"
         )
     saved = json.loads(side.read_text(encoding="utf-8"))
+    # a sidecar from before --runtime/--precision existed: eager torch at the engine's own precision
+    legacy = {"runtime": "torch", "precision": runtimes.choose("torch", "auto", env.device()).precision}
     for key, value in settings.comparable().items():
-        if saved.get(key) != value:
+        if saved.get(key, legacy.get(key)) != value:
             raise UsageError(
                 f"--resume できません: {key} が前回と違います (前回 {saved.get(key)!r}, 今回 {value!r})。"
                 " 同じ設定で実行するか、別の --out に書いてください"
@@ -558,13 +617,14 @@ def _write_sidecar(args: argparse.Namespace, model: ClipModel, settings: RunSett
         **asdict(settings),
         "scoring_rule": f"{model.scoring.describe()} ({model.scoring.source})",
         "checked": not args.no_check and model.kind != "random",
+        "runtime_detail": getattr(model, "runtime", f"{settings.runtime} {settings.precision}"),
     }
     sidecar_path(args.out).write_text(
         json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
 
 
-def _report(counts, skipped, done_now, seconds, model, args, fallbacks) -> int:
+def _report(counts, skipped, done_now, seconds, model, args, fallbacks, runtime_label: str) -> int:
     """Print the summary line (the last stdout line); return the exit status."""
     total = counts["ok"] + counts["error"]
     rate = done_now / seconds if seconds > 0 else 0.0
@@ -581,7 +641,7 @@ def _report(counts, skipped, done_now, seconds, model, args, fallbacks) -> int:
     )
     print(
         f"{summary}, {seconds:.1f} s, {rate:.1f} images/s,"
-        f" model {model.name} ({model.fingerprint[:12]}){unchecked}{dali_note}"
+        f" model {model.name} ({model.fingerprint[:12]}), runtime {runtime_label}{unchecked}{dali_note}"
     )
     return 0 if counts["error"] == 0 else 2
 
@@ -624,7 +684,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, ModelLoadError, ModelCheckError, RayEngineError) as err:
+    except (
+        UsageError,
+        ModelLoadError,
+        ModelCheckError,
+        RayEngineError,
+        runtimes.RuntimeUnavailable,
+        runtimes.ExportError,
+    ) as err:
         print(f"エラー: {err}", file=sys.stderr)
         return 1
 

@@ -125,3 +125,24 @@ def test_stages_loader_names_the_worker_start_up_apart_from_decoding(tmp_path: P
         assert list(stages) == [bench.STARTUP_STAGE, "デコード", "前処理", "転送", "モデル"]
         assert all(value >= 0 for value in stages.values())
         assert stages["デコード"] > 0 and stages[bench.STARTUP_STAGE] > 0  # a worker did start
+
+
+def test_one_row_per_runtime_and_precision(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CLIP_ONNX_CACHE", str(tmp_path / "onnx"))
+    monkeypatch.setattr(bench.runtimes, "native_bf16", lambda: (False, "test"))
+    argv = ["--n", "4", "--model", "embedded", "--out", str(tmp_path), "--batch-size", "2", "--no-ceiling"]
+    assert (
+        bench.main([*argv, "--variants", "a", "--runtime", "torch,onnx", "--precision", "fp32,int8,bf16"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "このマシンで動かない組み合わせは測りません: torch int8, torch bf16, onnx bf16" in printed
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert [row["key"] for row in report["results"]] == ["a", "torch-fp32", "onnx-fp32", "onnx-int8"]
+    names = [row["name"] for row in report["results"]]
+    assert names[-1] == "g + onnx int8 (CPUExecutionProvider)"
+    assert all(row["correct"] for row in report["results"]), report["results"]
+    assert bench.main([*argv, "--runtime", "torch", "--precision", "fp16"]) == 1  # one pair: refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("エラー: --runtime torch --precision fp16 はこのマシン (CPU) では使えません")
+    assert "使える組み合わせ: torch fp32, onnx fp32, onnx int8" in err[-1]

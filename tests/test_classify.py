@@ -119,7 +119,7 @@ def test_every_file_once_with_errors_named(folder: Path, tmp_path: Path, capsys)
     summary = captured.out.strip().splitlines()[-1]
     assert summary.startswith("16 files: 11 ok, 5 errors, 1 skipped (not images), ")
     fingerprint = load_clip("embedded", device="cpu").fingerprint
-    assert summary.endswith(f" images/s, model embedded ({fingerprint[:12]})")
+    assert summary.endswith(f" images/s, model embedded ({fingerprint[:12]}), runtime torch fp32")
     assert "モデル確認 OK" in captured.err  # checked once, before any file
     sidecar = json.loads(out.with_name(out.name + ".json").read_text(encoding="utf-8"))
     assert (sidecar["model"], sidecar["model_fingerprint"]) == ("embedded", fingerprint)
@@ -317,3 +317,110 @@ def test_a_model_that_fails_its_check_answers_nothing(
     assert "モデル確認 NG" in capsys.readouterr().err and not out.exists()
     assert _run(folder, out, "--backend", "dataloader", "--no-check") == 2  # skipped, and said so
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(", not checked (--no-check)")
+
+
+# ---------------------------------------------------------------- --runtime / --precision
+
+
+@pytest.fixture
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "onnx-cache"  # shared by the tests: one export
+    monkeypatch.setenv("CLIP_ONNX_CACHE", str(folder))
+    return folder
+
+
+def test_onnx_int8_gives_the_same_labels_and_names_its_runtime(
+    folder: Path, tmp_path: Path, onnx_cache: Path, capsys
+) -> None:
+    from helpers import embeddings as vectors
+
+    runs = {}
+    for runtime, precision in (("torch", "auto"), ("onnx", "int8")):
+        out = tmp_path / f"{runtime}.csv"
+        argv = ["--runtime", runtime, "--precision", precision]  # --backend auto: the DataLoader here
+        assert _run(folder, out, *argv, "--embeddings", str(tmp_path / f"{runtime}.parquet")) == 2
+        captured = capsys.readouterr()
+        runs[runtime] = (out, captured)
+    torch_out, _ = runs["torch"]
+    onnx_out, captured = runs["onnx"]
+    assert captured.out.strip().splitlines()[-1].endswith(", runtime onnx int8 (CPUExecutionProvider)")
+    assert "モデル確認 OK" in captured.err and "[onnx int8 (CPUExecutionProvider)]" in captured.err
+    assert "バックエンド: dataloader (--runtime onnx は DataLoader で動きます)" in captured.err
+    assert [(r["path"], r["status"], r["label_1"]) for r in _rows(onnx_out)] == [
+        (r["path"], r["status"], r["label_1"]) for r in _rows(torch_out)
+    ]
+    sidecar = json.loads(onnx_out.with_name(onnx_out.name + ".json").read_text(encoding="utf-8"))
+    assert (sidecar["runtime"], sidecar["precision"]) == ("onnx", "int8")
+    assert sidecar["runtime_detail"] == "onnx int8 (CPUExecutionProvider)"
+    torch_sidecar = json.loads(torch_out.with_name(torch_out.name + ".json").read_text(encoding="utf-8"))
+    assert (torch_sidecar["runtime"], torch_sidecar["precision"]) == ("torch", "fp32")  # auto on a CPU
+    a = vectors.read_embeddings(tmp_path / "torch.parquet")
+    b = vectors.read_embeddings(tmp_path / "onnx.parquet")
+    assert a.ok_paths == b.ok_paths and len(a.ok_paths) == 11
+    assert float((a.vectors * b.vectors).sum(dim=1).min()) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--runtime", "torch", "--precision", "fp16"], "使える組み合わせ: torch fp32"),
+        (["--runtime", "onnx", "--precision", "bf16"], "onnx fp32, onnx int8"),
+        (["--runtime", "onnx", "--engine", "ray"], "--engine local だけ"),
+        (["--runtime", "onnx", "--backend", "dali"], "--backend dali とは一緒に使えません"),
+        (["--precision", "fp32", "--engine", "ray"], "--precision auto だけ"),
+    ],
+)
+def test_runtime_pairs_this_machine_cannot_run_are_refused_in_one_line(
+    folder: Path, tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:
+    out = tmp_path / "x.csv"
+    assert (
+        classify.main([str(folder), "--labels", "猫", "--out", str(out), "--model", "embedded", *argv]) == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("エラー:")
+    assert not out.exists()
+
+
+def test_missing_onnxruntime_is_one_line_and_no_fallback(
+    folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    out = tmp_path / "x.csv"
+    assert _run(folder, out, "--runtime", "onnx") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("エラー: onnxruntime がありません") and "pip install onnxruntime" in err[-1]
+    assert not out.exists()
+
+
+def test_the_check_runs_through_the_chosen_runtime(
+    folder: Path, tmp_path: Path, onnx_cache: Path, capsys, monkeypatch
+) -> None:
+    import torch
+
+    from helpers.runtimes import ort
+
+    def one_answer(self, pixel_values):  # a runtime that lost its answers: every picture the same
+        return torch.ones(len(pixel_values), self.base.encode_texts(["x"]).shape[1])
+
+    monkeypatch.setattr(ort.OnnxClip, "_image_features", one_answer)
+    out = tmp_path / "x.csv"
+    assert _run(folder, out, "--runtime", "onnx", "--precision", "int8") == 1
+    assert "モデル確認 NG" in capsys.readouterr().err and not out.exists()
+
+
+def test_resume_refuses_another_runtime_or_precision(
+    folder: Path, tmp_path: Path, onnx_cache: Path, capsys, monkeypatch
+) -> None:
+    from helpers import runtimes
+
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: (True, "test"))
+    out = tmp_path / "r.csv"
+    assert _run(folder, out, "--backend", "dataloader") == 2
+    for argv, key in ((["--runtime", "onnx"], "runtime"), (["--precision", "bf16"], "precision")):
+        capsys.readouterr()
+        assert _run(folder, out, "--backend", "dataloader", "--resume", *argv) == 1
+        assert f"--resume できません: {key} が前回と違います" in capsys.readouterr().err
+    assert _run(folder, out, "--backend", "dataloader", "--resume", "--precision", "fp32") == 2  # = auto here

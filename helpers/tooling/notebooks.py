@@ -70,6 +70,11 @@ BASE_PACKAGES: tuple[Package, ...] = (Package("matplotlib_fontja", "matplotlib-f
 EXTRAS: dict[str, tuple[Package, ...]] = {
     "dali": (Package("nvidia.dali", "nvidia-dali-cuda120"),),
     "ray": (Package("ray", "ray"),),
+    "onnx": (
+        Package("onnxruntime", "onnxruntime", gpu="onnxruntime-gpu==1.31.1"),
+        Package("onnx", "onnx"),
+        Package("onnxscript", "onnxscript"),
+    ),
 }
 """Per-notebook extras (``metadata.course.extras``): name → the packages it adds."""
 

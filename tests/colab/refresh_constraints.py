@@ -68,7 +68,9 @@ LEFT_OUT: dict[str, str] = {
 }
 """Packages on Colab that the CI machine cannot have at Colab's version: name → why."""
 
-COURSE_INSTALLS: tuple[str, ...] = ("matplotlib-fontja", "nvidia-dali-cuda120", "ray")
+COURSE_INSTALLS: tuple[str, ...] = (
+    "matplotlib-fontja", "nvidia-dali-cuda120", "ray", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript",
+)  # fmt: skip
 """What the set-up cell installs because Colab lacks it (helpers.tooling.notebooks' packages, extras)."""
 
 DEV_ONLY: tuple[str, ...] = ("jupyterlab", "nbval", "ruff", "import-linter", "faiss-cpu")

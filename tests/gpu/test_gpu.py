@@ -366,3 +366,29 @@ def test_ray_gpu_actor(record: Callable[..., None]) -> None:
             )
             assert stats.plan.actor_gpus == (1.0 if device == "cuda" else 0.0)
             assert gap <= EMBEDDING_TOLERANCE, backend
+
+
+def test_onnx_runtime_cuda_fp16_matches_eager(record: Callable[..., None], tmp_path: Path) -> None:
+    """``--runtime onnx --precision fp16``: both towers of a ViT-B/16 CLIP of the real size (random
+    weights) exported, converted to fp16 and run by ONNX Runtime's CUDA provider, which must come
+    first in the session (``runtimes.session`` refuses otherwise), against eager float32."""
+    device = _needs("ONNX Runtime's CUDA provider in fp16", "onnxruntime")
+    import onnxruntime
+
+    from helpers import runtimes
+    from helpers.data import open_image, sample_photos
+    from helpers.models import load_clip
+
+    if device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): not checked")
+    model = load_clip("random:vit-b16", device="cpu")
+    choice = runtimes.choose("onnx", "fp16" if device == "cuda" else "fp32", device)
+    fast = runtimes.use(model, choice, tmp_path, log=None)
+    photos = [open_image(p.path) for p in sample_photos()]
+    cosine = float(_cosines(fast.encode_images(photos), model.encode_images(photos)).min())
+    texts = [p.label_ja for p in sample_photos()]
+    text_cosine = float(_cosines(fast.encode_texts(texts), model.encode_texts(texts)).min())
+    record(runtime=choice.label, providers=fast.image_session.get_providers(), min_cosine=cosine,
+           text_min_cosine=text_cosine)  # fmt: skip
+    assert fast.image_session.get_providers()[0] == runtimes.ort.PROVIDERS[choice.provider]
+    assert cosine >= FP16_MIN_COSINE and text_cosine >= FP16_MIN_COSINE
