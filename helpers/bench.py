@@ -114,32 +114,38 @@ REFERENCE_H100_SOURCE = (
     "ランダム重みの ViT-B/16 (random:vit-b16)。縮小デコードを入れる前の経路 (元の大きさからデコード)。"
     "DALI の行は H100 のハードウェア JPEG デコーダーを使用 (T4 にはない)"
 )
-T4_FP16_TFLOPS = 65.0
-"""NVIDIA's T4 datasheet: peak fp16 Tensor Core throughput (sustained is lower under the 70 W limit)."""
+T4_TFLOPS: dict[str, float] = {"fp16": 65.0, "fp32": 8.1}
+"""NVIDIA's T4 datasheet: peak fp16 Tensor Core and fp32 throughput (lower when sustained at 70 W)."""
 T4_MEMORY_GB_S = 320.0
 """NVIDIA's T4 datasheet: GDDR6 bandwidth."""
 
 
 def vit_b16_work(
-    batch: int, tokens: int = 197, width: int = 768, mlp: int = 3072, layers: int = 12
+    batch: int,
+    value_bytes: int = 2,
+    tokens: int = 197,
+    width: int = 768,
+    mlp: int = 3072,
+    layers: int = 12,
 ) -> tuple[float, float]:
-    """FLOPs and bytes of memory traffic per image of a ViT-B/16 image tower at 224 px, fp16, batch
-    ``batch``: two FLOPs a multiply-add over the projections, the MLP and attention (patch embedding
-    included); the weights read once a batch plus each layer's activations written and read about
-    ten times (a lower bound on the traffic)."""
+    """FLOPs and bytes of memory traffic per image of a ViT-B/16 image tower at 224 px at ``batch``:
+    two FLOPs a multiply-add over the projections, the MLP and attention (patch embedding included);
+    the weights read once a batch plus each layer's activations written and read about ten times, at
+    ``value_bytes`` a value (2: fp16, 4: fp32; a lower bound on the traffic)."""
     per_layer = tokens * (4 * width * width + 2 * width * mlp) + 2 * tokens * tokens * width
     flops = 2 * (layers * per_layer + (tokens - 1) * width * 3 * 16 * 16)
-    weights = 2 * layers * (4 * width * width + 2 * width * mlp)
-    activations = 2 * layers * 10 * tokens * width
+    weights = value_bytes * layers * (4 * width * width + 2 * width * mlp)
+    activations = value_bytes * layers * 10 * tokens * width
     return flops, weights / batch + activations
 
 
-def t4_model_estimate(batch: int = 64) -> tuple[float, float, float]:
+def t4_model_estimate(batch: int = 64, precision: str = "fp16") -> tuple[float, float, float]:
     """A roofline bound, not a measurement: the most images/s a T4 can give a ViT-B/16 image tower in
-    fp16 at ``batch``, from NVIDIA's peak figures for compute and memory bandwidth. Returns
-    (images/s bound, ms of compute per image, ms of memory traffic per image). Notebook 02 section 6."""
-    flops, traffic = vit_b16_work(batch)
-    compute_ms, memory_ms = flops / T4_FP16_TFLOPS / 1e9, traffic / T4_MEMORY_GB_S / 1e6
+    ``precision`` ("fp16" or "fp32") at ``batch``, from NVIDIA's peak figures for compute and memory
+    bandwidth. Returns (images/s bound, ms of compute per image, ms of memory traffic per image).
+    Notebook 02 section 6."""
+    flops, traffic = vit_b16_work(batch, value_bytes=2 if precision == "fp16" else 4)
+    compute_ms, memory_ms = flops / T4_TFLOPS[precision] / 1e9, traffic / T4_MEMORY_GB_S / 1e6
     return 1e3 / max(compute_ms, memory_ms), compute_ms, memory_ms
 
 

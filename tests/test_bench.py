@@ -125,3 +125,15 @@ def test_stages_loader_names_the_worker_start_up_apart_from_decoding(tmp_path: P
         assert list(stages) == [bench.STARTUP_STAGE, "デコード", "前処理", "転送", "モデル"]
         assert all(value >= 0 for value in stages.values())
         assert stages["デコード"] > 0 and stages[bench.STARTUP_STAGE] > 0  # a worker did start
+
+
+def test_the_t4_estimate_is_a_roofline_from_compute_and_bandwidth() -> None:
+    """ViT-B/16 at 224 px is about 17.6 G multiply-adds an image; the bound takes the slower of compute
+    and memory traffic, so at batch 1 (the weights read for one image) fp16 is memory-bound."""
+    flops, traffic = bench.vit_b16_work(1)
+    assert flops == pytest.approx(2 * 17.6e9, rel=0.02)
+    assert bench.vit_b16_work(64)[1] < traffic and bench.vit_b16_work(1, value_bytes=4)[1] == 2 * traffic
+    bound, compute_ms, memory_ms = bench.t4_model_estimate(batch=1)
+    assert memory_ms > compute_ms and bound == pytest.approx(1e3 / memory_ms)
+    bound, compute_ms, memory_ms = bench.t4_model_estimate(batch=50, precision="fp32")
+    assert compute_ms == pytest.approx(flops / 8.1e12 * 1e3) and bound == pytest.approx(1e3 / compute_ms)
