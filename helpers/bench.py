@@ -90,7 +90,7 @@ ARTICLE_T4_SECONDS: dict[str, float] = {
 """The batch-inference article's author's own figures (notebook CLIP_acceleration_batch, Colab T4,
 the real line-corporation/clip-japanese-base): one ``%%time`` run each (no median, no spread),
 seconds for 1,001 files that are ``cp`` copies of one 1024×1024 JPEG, the model loaded beforehand.
-Notebook 02 section 6 reads them."""
+``bench.md`` quotes them; notebook 02 section 6 shows the author's whole T4 table."""
 ARTICLE_FILES = 1001
 ARTICLE_SOURCE = (
     "yagiyuki「PyTorchでCLIP推論を高速化する ── バッチ処理の実践と効果検証」(Zenn) の著者のノートブック "
@@ -172,7 +172,7 @@ def quoted_markdown() -> str:
 @dataclass
 class Setup:
     """What every variant gets: the model, the files, the label prompts and the batch settings
-    (notebook 02 section 1 builds one; section 3 hands it to every variant)."""
+    (notebook 02 section 1 builds one; section 5 hands it to every variant)."""
 
     model: ClipModel
     paths: list[Path]
@@ -186,7 +186,7 @@ class Setup:
 @dataclass(frozen=True)
 class Variant:
     """One way of running the job; ``run(setup)`` returns probabilities [N, labels] on the CPU.
-    ``tolerance``: the largest |Δ probability| from the baseline allowed (notebook 02 section 4)."""
+    ``tolerance``: the largest |Δ probability| from the baseline allowed (notebook 02 section 5)."""
 
     key: str
     name: str
@@ -381,7 +381,7 @@ def _knob_grid(thresholds: str | None, loads: str | None) -> list[DecoderKnobs |
 def precision_label(device: torch.device | str) -> str:
     """What the engine's model step runs in on ``device`` (:func:`helpers.engines.autocast_dtype`),
     in words: ``"fp16 autocast"`` on CUDA, ``"float32 (CPU では autocast なし)"`` on the CPU: the
-    label of variant e says what actually ran (notebook 02 section 3e)."""
+    label of variant e says what actually ran (notebook 02 section 5)."""
     dtype = engines.autocast_dtype(device)
     if dtype is None:
         return f"float32 ({torch.device(device).type.upper()} では autocast なし)"
@@ -429,7 +429,8 @@ def measure_interleaved(
     ``repeats`` timed ones, so a slow spell of a shared machine falls on all of them alike.
 
     Returns a :class:`~helpers.timing.Timing` per name (median and every run, for
-    :func:`helpers.verdict.compare`) and each function's last return value. Notebook 02 section 3.
+    :func:`helpers.verdict.compare`) and each function's last return value.
+    Notebook 02 section 5 and its 発展.
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -453,7 +454,7 @@ def stages_per_image(s: Setup) -> dict[str, float]:
     """Variant a's work split into stages, seconds per image: デコード (open_image), 前処理 (the
     model's preprocessing), 転送 (to the model's device), モデル (text features once, then features
     and probabilities image by image). The same work as :func:`per_image`, one stage after the
-    other over each batch of paths, so the stages add up to its time. Notebook 02 section 5."""
+    other over each batch of paths, so the stages add up to its time. Notebook 02, 発展 (the breakdown)."""
     totals = dict.fromkeys(("デコード", "前処理", "転送", "モデル"), 0.0)
     start = _clock()
     text = s.model.label_features(s.texts)
@@ -515,7 +516,7 @@ def stages_loader(s: Setup, exact_decode: bool = True) -> dict[str, float]:
     whose workers only decode; 前処理 the second pass of one that also preprocesses, minus the
     decode pass; 転送 to the model's device; モデル the main process's normalisation (g), model
     and probabilities over the batches already read. In e and g the workers read **while** the
-    model runs, so their end-to-end time can be shorter than the sum. Notebook 02 section 5."""
+    model runs, so their end-to-end time can be shorter than the sum. Notebook 02, 発展 (the breakdown)."""
     opened = _opened_only if exact_decode else _OpenedAtSizeOnly(s.model.preprocess_spec)
     _, decode, _, _ = _passes(s, opened)
     fresh, read, stop, batches = _passes(s, engines.worker_preprocess(s.model, exact_decode))
@@ -558,7 +559,7 @@ def ceiling_runs(
 ) -> Iterator[dict[str, Callable[[], int]]]:
     """The two decode-only passes of :func:`ceilings` as functions (name → run), on a pool of
     ``processes`` processes started and warmed here: for :func:`measure_interleaved`, so the ceiling
-    is measured in the same rounds as the variants (notebook 02 section 3). Each run returns how
+    is measured in rounds with other work (notebook 02, 発展: the breakdown). Each run returns how
     many files it decoded."""
     chunks = [paths[i::processes] for i in range(processes)]
     runs: dict[str, Callable[[], int]] = {}
@@ -578,7 +579,7 @@ def ceilings(paths: list[Path], spec: PreprocessSpec, processes: int, repeats: i
 
     What any read path on this CPU can reach at best: the engines add the copy between processes,
     batching, the model and the output. The pool is started and warmed before the clock runs
-    (:func:`ceiling_runs`). Notebook 02 sections 3 and 5 show each variant's share of these.
+    (:func:`ceiling_runs`). ``bench.md`` shows each variant's share of these.
     """
     with ceiling_runs(paths, spec, processes) as runs:
         return [measure(run, name, len(paths), warmup=0, repeats=repeats) for name, run in runs.items()]
