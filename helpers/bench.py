@@ -10,17 +10,17 @@ short warm-up. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out`
     python -m helpers.bench --arch vit-b16-random --n 1000 --note "H100, 2 cores, estimate for T4"
     python -m helpers.bench --model embedded --n 64 --out build/bench
 
-Variants (keys; notebook 02 section 3 shows their source with ``inspect.getsource`` and runs these
-very functions): ``a`` one image at a time; ``b`` manual slicing into batches; ``c`` a DataLoader
-over the paths (decoding still in the main process); ``d`` a Dataset that decodes and preprocesses
-in worker processes; ``e`` d run by the engine (``inference_mode``, fp16 autocast on CUDA and
-float32 on the CPU: :func:`precision_label`; the engine's ``dataloader`` backend with
-``exact_decode``); ``g`` e with JPEGs decoded at the size the model needs, uint8 from the workers
-and the normalisation on the model's device (the engine's default); ``dali`` the engine's ``dali``
-backend, when ``helpers.dali.iter_preprocessed`` exists and DALI imports, once per combination of
-``--dali-hybrid-threshold`` and ``--dali-hw-decoder-load`` (comma-separated lists: a GPU session
-sweeps them in one run). Every variant computes the label text features **once**, before its loop,
-as the original article did.
+Variants (keys; notebook 02 writes each of them in a ``#@save helpers.bench`` cell and runs it there):
+``a`` one image at a time; ``b`` manual slicing into batches; ``c`` a DataLoader over the paths
+(decoding still in the main process); ``d`` a :class:`PhotoDataset` that decodes and preprocesses in
+worker processes; ``e`` d with ``inference_mode``, fp16 autocast on CUDA (float32 on the CPU:
+:func:`precision_label`) and no ``.cpu()`` per batch; ``g`` e with JPEGs decoded at the size the
+model needs, uint8 from the workers and the normalisation on the model's device (what the engine
+does by default); ``dali`` the engine's ``dali`` backend, when ``helpers.dali.iter_preprocessed``
+exists and DALI imports, once per combination of ``--dali-hybrid-threshold`` and
+``--dali-hw-decoder-load`` (comma-separated lists: a GPU session sweeps them in one run). Every
+variant computes the label text features **once**, before its loop, as the batch-inference
+article did.
 
 ``--runtime torch,onnx --precision fp32,int8`` adds one row per pair this machine can run
 (:func:`runtime_pairs`): variant g with the model run by :mod:`helpers.runtimes` (ONNX files are
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as dt
 import json
 import os
@@ -45,6 +44,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +58,7 @@ from helpers.models import (
     ModelLoadError,
     PreprocessSpec,
     add_loading_options,
+    normalize,
     prepare,
     resize_with_spec,
 )
@@ -93,12 +94,16 @@ ARTICLE_T4_SECONDS: dict[str, float] = {
     "バッチ (手作業で分割)": 17.2,
     "DataLoader (パスのリスト)": 17.6,
 }
-"""The original article's figures: single runs (no median, no spread), seconds for 1000 copies of
-one image, Colab T4, the article's CLIP model and code. Shown by notebook 02 section 7."""
+"""The batch-inference article's author's own figures (notebook CLIP_acceleration_batch, Colab T4,
+the real line-corporation/clip-japanese-base): one ``%%time`` run each (no median, no spread),
+seconds for 1,001 files that are ``cp`` copies of one 1024×1024 JPEG, the model loaded beforehand.
+``bench.md`` quotes them; notebook 02 section 6 shows the author's whole T4 table."""
+ARTICLE_FILES = 1001
 ARTICLE_SOURCE = (
-    "元記事 (この講座のもとになった記事) が報告した数値 "
-    "(元記事によれば Colab T4、日付不明。同じ画像 1000 枚のコピー、記事の CLIP モデル、それぞれ 1 回の測定。"
-    "この講座には、引用した数値と条件のほかに元記事の題名・URL・日付の記録がない)"
+    "yagiyuki「PyTorchでCLIP推論を高速化する ── バッチ処理の実践と効果検証」(Zenn) の著者のノートブック "
+    "CLIP_acceleration_batch (github.com/yagiyuki/clip-study-playground、コミット 52ecd1c、2025-05-05)。"
+    "Colab の T4、line-corporation/clip-japanese-base、1024×1024 の JPEG 1 枚の cp コピー 1,001 枚、"
+    "それぞれ 1 回の %%time"
 )
 REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
     "1 枚ずつ": 83,
@@ -110,35 +115,59 @@ REFERENCE_H100_IMAGES_PER_S: dict[str, float] = {
 """Measured 2026-11 on an H100 lent to this project (16 CPU cores), 1000 distinct JPEGs of 1260×750,
 ``random:vit-b16`` (ViT-B/16 with random weights), before reduced-size decoding existed (the
 DataLoader row decodes full-size); the DALI row used the H100's hardware JPEG decoder, which a T4
-lacks. The expected shape, not this machine's numbers (notebook 02 section 7)."""
+lacks. The H100's figures, never a T4 estimate (``bench.md``)."""
 REFERENCE_H100_SOURCE = (
     "参考値: この講座で 2026-11 に貸与の H100 (CPU 16 コア) で測定、1260×750 の異なる JPEG 1000 枚、"
     "ランダム重みの ViT-B/16 (random:vit-b16)。縮小デコードを入れる前の経路 (元の大きさからデコード)。"
     "DALI の行は H100 のハードウェア JPEG デコーダーを使用 (T4 にはない)"
 )
-T4_FP16_TFLOPS = 65.0
-"""NVIDIA's datasheet figure for the T4's fp16 tensor cores (dense)."""
-H100_FP16_TFLOPS: dict[str, float] = {"H100 SXM": 989.0, "H100 PCIe": 756.0}
-"""NVIDIA's datasheet figures for the H100's fp16 tensor cores (dense). Which form the lent H100
-was is not recorded: :func:`t4_model_estimate` gives the range."""
+T4_TFLOPS: dict[str, float] = {"fp16": 65.0, "fp32": 8.1}
+"""NVIDIA's T4 datasheet: peak fp16 Tensor Core and fp32 throughput (lower when sustained at 70 W)."""
+T4_MEMORY_GB_S = 320.0
+"""NVIDIA's T4 datasheet: GDDR6 bandwidth."""
 
 
-def t4_model_estimate() -> tuple[float, float]:
-    """A FLOP-ratio estimate, not a measurement: the H100's model-only images/s scaled by the T4's
-    fp16 tensor TFLOPS over the H100's (SXM, then PCIe). Notebook 02 section 7."""
-    rate = REFERENCE_H100_IMAGES_PER_S["モデルのみ fp16 バッチ 256"]
-    low, high = (rate * T4_FP16_TFLOPS / H100_FP16_TFLOPS[k] for k in ("H100 SXM", "H100 PCIe"))
-    return low, high
+def vit_b16_work(
+    batch: int,
+    value_bytes: int = 2,
+    tokens: int = 197,
+    width: int = 768,
+    mlp: int = 3072,
+    layers: int = 12,
+) -> tuple[float, float]:
+    """FLOPs and bytes of memory traffic per image of a ViT-B/16 image tower at 224 px at ``batch``:
+    two FLOPs a multiply-add over the projections, the MLP and attention (patch embedding included);
+    the weights read once a batch plus each layer's activations written and read about ten times, at
+    ``value_bytes`` a value (2: fp16, 4: fp32; a lower bound on the traffic)."""
+    per_layer = tokens * (4 * width * width + 2 * width * mlp) + 2 * tokens * tokens * width
+    flops = 2 * (layers * per_layer + (tokens - 1) * width * 3 * 16 * 16)
+    weights = value_bytes * layers * (4 * width * width + 2 * width * mlp)
+    activations = value_bytes * layers * 10 * tokens * width
+    return flops, weights / batch + activations
+
+
+def t4_model_estimate(batch: int = 64, precision: str = "fp16") -> tuple[float, float, float]:
+    """A roofline bound, not a measurement: the most images/s a T4 can give a ViT-B/16 image tower in
+    ``precision`` ("fp16" or "fp32") at ``batch``, from NVIDIA's peak figures for compute and memory
+    bandwidth. Returns (images/s bound, ms of compute per image, ms of memory traffic per image).
+    Notebook 02 section 6."""
+    flops, traffic = vit_b16_work(batch, value_bytes=2 if precision == "fp16" else 4)
+    compute_ms, memory_ms = flops / T4_TFLOPS[precision] / 1e9, traffic / T4_MEMORY_GB_S / 1e6
+    return 1e3 / max(compute_ms, memory_ms), compute_ms, memory_ms
 
 
 def quoted_markdown() -> str:
     """The article's figures and the H100 reference as Markdown tables, each under its source
-    (single runs: no median column). Notebook 02 section 7 and ``bench.md``."""
-    lines = [f"**{ARTICLE_SOURCE}**", "", "| 方式 | 1000 枚の時間 (1 回) | 画像/秒 | 1 枚ずつとの比 |"]
+    (single runs: no median column). ``bench.md``."""
+    lines = [
+        f"**{ARTICLE_SOURCE}**",
+        "",
+        f"| 方式 | {ARTICLE_FILES:,} 枚の時間 (1 回) | 画像/秒 | 1 枚ずつとの比 |",
+    ]
     lines.append("|---|---:|---:|---:|")
     base = ARTICLE_T4_SECONDS["1 枚ずつ"]
     for name, seconds in ARTICLE_T4_SECONDS.items():
-        lines.append(f"| {name} | {seconds} s | {1000 / seconds:.1f} | {base / seconds:.2f}× |")
+        lines.append(f"| {name} | {seconds} s | {ARTICLE_FILES / seconds:.1f} | {base / seconds:.2f}× |")
     lines += ["", f"**{REFERENCE_H100_SOURCE}**", ""]
     lines += ["| 方式 | 画像/秒 | 1 枚ずつとの比 |", "|---|---:|---:|"]
     first = REFERENCE_H100_IMAGES_PER_S["1 枚ずつ"]
@@ -150,7 +179,7 @@ def quoted_markdown() -> str:
 @dataclass
 class Setup:
     """What every variant gets: the model, the files, the label prompts and the batch settings
-    (notebook 02 section 1 builds one; section 3 hands it to every variant)."""
+    (notebook 02 section 1 builds one; section 5 hands it to every variant)."""
 
     model: ClipModel
     paths: list[Path]
@@ -164,7 +193,7 @@ class Setup:
 @dataclass(frozen=True)
 class Variant:
     """One way of running the job; ``run(setup)`` returns probabilities [N, labels] on the CPU.
-    ``tolerance``: the largest |Δ probability| from the baseline allowed (notebook 02 section 4)."""
+    ``tolerance``: the largest |Δ probability| from the baseline allowed (notebook 02 section 5)."""
 
     key: str
     name: str
@@ -209,54 +238,99 @@ class Report:
 
 
 def per_image(s: Setup) -> torch.Tensor:
-    """a. Open, preprocess and classify one image at a time (text features once, before the loop).
-    Notebook 02 section 3a."""
-    text = s.model.label_features(s.texts)  # once, as in the original article
+    """a. Open, preprocess and classify one image at a time (the label features once, before the loop)."""
+    text = s.model.label_features(s.texts)  # once, as the batch-inference article does
     rows = []
     for path in s.paths:
         pixels = s.model.preprocess([open_image(path)])
-        rows.append(s.model.probabilities(s.model.encode_images(pixels), text).cpu())
+        features = s.model.encode_images(pixels)  # copies to the model's device, runs the image tower
+        rows.append(s.model.probabilities(features, text).cpu())  # .cpu() waits for the GPU
     return torch.cat(rows)
 
 
 def manual_batches(s: Setup) -> torch.Tensor:
-    """b. Slice the list into batches by hand; still decode in the main process. Notebook 02 section 3b."""
+    """b. Slice the list into batches by hand; decoding stays in this process, one file after another."""
     text = s.model.label_features(s.texts)
     rows = []
     for start in range(0, len(s.paths), s.batch_size):
         images = [open_image(p) for p in s.paths[start : start + s.batch_size]]
-        features = s.model.encode_images(s.model.preprocess(images))
+        features = s.model.encode_images(s.model.preprocess(images))  # one call for the whole batch
         rows.append(s.model.probabilities(features, text).cpu())
     return torch.cat(rows)
 
 
 def loader_over_paths(s: Setup) -> torch.Tensor:
-    """c. A DataLoader over the list of paths: it only batches the names (decoding stays here).
-    Notebook 02 section 3c."""
+    """c. A DataLoader over the list of paths: it only batches the names (decoding stays here)."""
     text = s.model.label_features(s.texts)
     loader = torch.utils.data.DataLoader(s.paths, batch_size=s.batch_size, collate_fn=list)
     rows = []
     for batch_paths in loader:
-        images = [open_image(p) for p in batch_paths]  # decoding: still this (main) process
+        images = [open_image(p) for p in batch_paths]  # still this (main) process
         features = s.model.encode_images(s.model.preprocess(images))
         rows.append(s.model.probabilities(features, text).cpu())
     return torch.cat(rows)
 
 
+def read_photo(model: ClipModel, path: Path) -> torch.Tensor:
+    """One file opened and preprocessed as a-c do it: float32 [3, H, W]."""
+    return model.preprocess([open_image(path)])[0]
+
+
+class PhotoDataset(torch.utils.data.Dataset):
+    """d. One file per item, read by ``read`` in whichever process asks: a DataLoader worker."""
+
+    def __init__(self, files: list[Path], read: Callable[[Path], torch.Tensor]) -> None:
+        self.files, self.read = files, read
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.read(self.files[index])
+
+
+def photo_loader(s: Setup, read: Callable[[Path], torch.Tensor]) -> torch.utils.data.DataLoader:
+    """d, e and g read through this: ``num_workers`` processes, page-locked batches on CUDA."""
+    return torch.utils.data.DataLoader(
+        PhotoDataset(s.paths, read),
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        pin_memory=s.model.device.type == "cuda",
+    )
+
+
 def workers(s: Setup) -> torch.Tensor:
-    """d. A Dataset that opens and preprocesses in ``num_workers`` processes; pinned memory on CUDA.
-    A new DataLoader (and its workers) every call, as a one-off job starts them. Notebook 02 section 3d."""
+    """d. The Dataset in ``num_workers`` processes: decoding and preprocessing leave the main process."""
     text = s.model.label_features(s.texts)
-    preprocess = engines.worker_preprocess(s.model, exact_decode=True)  # the model's own preprocessing
-    loader = engines.make_loader(s.paths, preprocess, s.batch_size, s.num_workers)
     rows = []
-    for _, pixels, errors in loader:
-        if errors:
-            index, reason = next(iter(errors.items()))
-            raise ImageReadError(s.paths[index], reason)
+    for pixels in photo_loader(s, partial(read_photo, s.model)):
         features = s.model.encode_images(pixels.to(s.model.device, non_blocking=True))
         rows.append(s.model.probabilities(features, text).cpu())
     return torch.cat(rows)
+
+
+def with_autocast(s: Setup) -> torch.Tensor:
+    """e. d + ``inference_mode`` + fp16 autocast on CUDA (float32 on the CPU); no ``.cpu()`` per batch."""
+    text = s.model.label_features(s.texts).to(s.model.device)
+    on_gpu = s.model.device.type == "cuda"
+    features = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
+        for pixels in photo_loader(s, partial(read_photo, s.model)):
+            features.append(s.model.encode_images(pixels.to(s.model.device, non_blocking=True)))
+    return s.model.probabilities(torch.cat(features).float(), text).cpu()  # one wait, at the end
+
+
+def at_size(s: Setup) -> torch.Tensor:
+    """g. e, but the workers decode JPEGs at the size the model needs and send uint8 [3, H, W];
+    the conversion to float and the normalisation run on the model's device."""
+    text = s.model.label_features(s.texts).to(s.model.device)
+    spec, on_gpu = s.model.preprocess_spec, s.model.device.type == "cuda"
+    features = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
+        for pixels in photo_loader(s, SizedDecode(spec)):
+            pixels = normalize(pixels.to(s.model.device, non_blocking=True), spec)
+            features.append(s.model.encode_images(pixels))
+    return s.model.probabilities(torch.cat(features).float(), text).cpu()
 
 
 def _engine(
@@ -287,21 +361,6 @@ def _engine(
     return s.model.probabilities(torch.stack(embeddings), texts)
 
 
-def engine_dataloader(s: Setup) -> torch.Tensor:
-    """e. d run by the engine: ``inference_mode`` and :func:`helpers.engines.autocast_dtype` autocast
-    (fp16 on CUDA, float32 on the CPU), bad files as error records; the engine's DataLoader with
-    ``exact_decode`` (full-size decoding, the model's own preprocessing in the workers).
-    Notebook 02 section 3e."""
-    return _engine(s, "dataloader")
-
-
-def engine_sized(s: Setup) -> torch.Tensor:
-    """g. e, but JPEGs decoded at the size the model needs (libjpeg's DCT downscale), uint8 from the
-    workers and the normalisation on the model's device: the engine's default DataLoader path.
-    Notebook 02 section 3g."""
-    return _engine(s, "dataloader", exact_decode=False)
-
-
 def dali_variant(knobs: DecoderKnobs | None = None) -> Callable[[Setup], torch.Tensor]:
     """The engine's DALI backend (on the GPU when there is one) with the decoder's ``knobs``.
     The files it hands to PIL are counted in ``s.fallbacks`` (fresh for every pass)."""
@@ -329,7 +388,7 @@ def _knob_grid(thresholds: str | None, loads: str | None) -> list[DecoderKnobs |
 def precision_label(device: torch.device | str) -> str:
     """What the engine's model step runs in on ``device`` (:func:`helpers.engines.autocast_dtype`),
     in words: ``"fp16 autocast"`` on CUDA, ``"float32 (CPU では autocast なし)"`` on the CPU: the
-    label of variant e says what actually ran (notebook 02 section 3e)."""
+    label of variant e says what actually ran (notebook 02 section 5)."""
     dtype = engines.autocast_dtype(device)
     if dtype is None:
         return f"float32 ({torch.device(device).type.upper()} では autocast なし)"
@@ -341,17 +400,15 @@ def variants(
 ) -> list[Variant]:
     """The variants that can run here, baseline first (DALI only when ``helpers.dali`` provides it,
     one row per entry of ``dali_knobs``). Names say what runs on ``device`` (:func:`precision_label`).
-    Notebook 02 section 3 measures a-e and g (and f, e with :func:`with_compiled_images`)."""
+    Notebook 02 writes a-e and g in its cells (``#@save helpers.bench``) and measures them."""
     amp = AMP_TOLERANCE if engines.autocast_dtype(device) is not None else FP32_TOLERANCE
     chosen = [
         Variant("a", "a. 1 枚ずつ", per_image),
         Variant("b", "b. バッチ (手作業で分割)", manual_batches),
         Variant("c", "c. DataLoader (パスのリスト)", loader_over_paths),
         Variant("d", "d. Dataset + ワーカーで前処理", workers),
-        Variant("e", f"e. エンジン: d + {precision_label(device)}", engine_dataloader, amp),
-        Variant(
-            "g", "g. e + 縮小デコード + uint8 + デバイスで正規化", engine_sized, max(amp, DECODE_TOLERANCE)
-        ),
+        Variant("e", f"e. d + {precision_label(device)}", with_autocast, amp),
+        Variant("g", "g. e + 縮小デコード + uint8 + デバイスで正規化", at_size, max(amp, DECODE_TOLERANCE)),
     ]
     if env.dali_version() is not None and engines.dali_engine_available():
         where = "GPU" if torch.device(device).type == "cuda" else "CPU"
@@ -418,15 +475,6 @@ def runtime_variant(model: ClipModel, choice: runtimes.Choice) -> Variant:
     return Variant(key, f"g + {choice.label}", engine_runtime, tolerance)
 
 
-def with_compiled_images(model: ClipModel) -> ClipModel:
-    """A shallow copy of ``model`` whose image tower runs through ``torch.compile`` (weights, text
-    tower and preprocessing shared with ``model``): variant f of notebook 02 section 3f is
-    ``engine_dataloader`` with this model. The first call with each new input shape compiles."""
-    fast = copy.copy(model)
-    fast._image_features = torch.compile(model._image_features)  # type: ignore[method-assign]
-    return fast
-
-
 # ---------------------------------------------------------------- measuring on a shared machine
 
 
@@ -440,7 +488,8 @@ def measure_interleaved(
     ``repeats`` timed ones, so a slow spell of a shared machine falls on all of them alike.
 
     Returns a :class:`~helpers.timing.Timing` per name (median and every run, for
-    :func:`helpers.verdict.compare`) and each function's last return value. Notebook 02 section 3.
+    :func:`helpers.verdict.compare`) and each function's last return value.
+    Notebook 02 section 5 and its 発展.
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -464,7 +513,7 @@ def stages_per_image(s: Setup) -> dict[str, float]:
     """Variant a's work split into stages, seconds per image: デコード (open_image), 前処理 (the
     model's preprocessing), 転送 (to the model's device), モデル (text features once, then features
     and probabilities image by image). The same work as :func:`per_image`, one stage after the
-    other over each batch of paths, so the stages add up to its time. Notebook 02 section 5."""
+    other over each batch of paths, so the stages add up to its time. Notebook 02, 発展 (the breakdown)."""
     totals = dict.fromkeys(("デコード", "前処理", "転送", "モデル"), 0.0)
     start = _clock()
     text = s.model.label_features(s.texts)
@@ -526,7 +575,7 @@ def stages_loader(s: Setup, exact_decode: bool = True) -> dict[str, float]:
     whose workers only decode; 前処理 the second pass of one that also preprocesses, minus the
     decode pass; 転送 to the model's device; モデル the main process's normalisation (g), model
     and probabilities over the batches already read. In e and g the workers read **while** the
-    model runs, so their end-to-end time can be shorter than the sum. Notebook 02 section 5."""
+    model runs, so their end-to-end time can be shorter than the sum. Notebook 02, 発展 (the breakdown)."""
     opened = _opened_only if exact_decode else _OpenedAtSizeOnly(s.model.preprocess_spec)
     _, decode, _, _ = _passes(s, opened)
     fresh, read, stop, batches = _passes(s, engines.worker_preprocess(s.model, exact_decode))
@@ -569,7 +618,7 @@ def ceiling_runs(
 ) -> Iterator[dict[str, Callable[[], int]]]:
     """The two decode-only passes of :func:`ceilings` as functions (name → run), on a pool of
     ``processes`` processes started and warmed here: for :func:`measure_interleaved`, so the ceiling
-    is measured in the same rounds as the variants (notebook 02 section 3). Each run returns how
+    is measured in rounds with other work (notebook 02, 発展: the breakdown). Each run returns how
     many files it decoded."""
     chunks = [paths[i::processes] for i in range(processes)]
     runs: dict[str, Callable[[], int]] = {}
@@ -589,7 +638,7 @@ def ceilings(paths: list[Path], spec: PreprocessSpec, processes: int, repeats: i
 
     What any read path on this CPU can reach at best: the engines add the copy between processes,
     batching, the model and the output. The pool is started and warmed before the clock runs
-    (:func:`ceiling_runs`). Notebook 02 sections 3 and 5 show each variant's share of these.
+    (:func:`ceiling_runs`). ``bench.md`` shows each variant's share of these.
     """
     with ceiling_runs(paths, spec, processes) as runs:
         return [measure(run, name, len(paths), warmup=0, repeats=repeats) for name, run in runs.items()]

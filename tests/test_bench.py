@@ -146,3 +146,15 @@ def test_one_row_per_runtime_and_precision(tmp_path: Path, capsys, monkeypatch) 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("エラー: --runtime torch --precision fp16 はこのマシン (CPU) では使えません")
     assert "使える組み合わせ: torch fp32, onnx fp32, onnx int8" in err[-1]
+
+
+def test_the_t4_estimate_is_a_roofline_from_compute_and_bandwidth() -> None:
+    """ViT-B/16 at 224 px is about 17.6 G multiply-adds an image; the bound takes the slower of compute
+    and memory traffic, so at batch 1 (the weights read for one image) fp16 is memory-bound."""
+    flops, traffic = bench.vit_b16_work(1)
+    assert flops == pytest.approx(2 * 17.6e9, rel=0.02)
+    assert bench.vit_b16_work(64)[1] < traffic and bench.vit_b16_work(1, value_bytes=4)[1] == 2 * traffic
+    bound, compute_ms, memory_ms = bench.t4_model_estimate(batch=1)
+    assert memory_ms > compute_ms and bound == pytest.approx(1e3 / memory_ms)
+    bound, compute_ms, memory_ms = bench.t4_model_estimate(batch=50, precision="fp32")
+    assert compute_ms == pytest.approx(flops / 8.1e12 * 1e3) and bound == pytest.approx(1e3 / compute_ms)
