@@ -78,7 +78,8 @@ AMP_TOLERANCE = 5e-2
 """... for float16 autocast: ~3 significant digits per matmul put ~1e-3 on the cosines, which a
 real model's logit scale (up to 100) turns into ~0.1 in the logits and a few 1e-2 in the probabilities."""
 DECODE_TOLERANCE = 1e-1
-"""... for decoding JPEGs at reduced size (other pixels before the resize: README has the measured effect)."""
+"""... for decoding JPEGs at reduced size (other pixels before the resize: docs/classify.md has the
+measured effect)."""
 DALI_TOLERANCE = 1e-1
 """... for DALI with autocast (another JPEG decoder and resize kernel: pixels differ by a few levels)."""
 INT8_TOLERANCE = 2e-1

@@ -91,8 +91,8 @@ class Record:
 class ImageFileDataset(torch.utils.data.Dataset):
     """Image files → ``(index, pixels [3, H, W] or None, error reason)``, one file per item.
 
-    Taught in notebook 02 (variant d). Each item is :func:`helpers.reading.read_pixels` (the read
-    path of every engine) with
+    The engine's version of notebook 02's ``PhotoDataset`` (variant d, section 4). Each item is
+    :func:`helpers.reading.read_pixels` (the read path of every engine) with
     ``preprocess``: a :class:`SizedDecode` (uint8 from a reduced-size decode), a
     :class:`~helpers.models.PreprocessSpec` or a model's ``preprocess``. Unreadable files are not
     raised: their item carries ``None`` and the reason.
@@ -273,7 +273,8 @@ def encode_batch(
 ) -> torch.Tensor:
     """L2-normalised float32 image embeddings [B, D] on the CPU for a preprocessed batch.
 
-    Taught in notebook 02 (variant e).
+    The engine's version of notebook 02's variant e (section 4): one ``.cpu()`` per batch here, because
+    the engine hands every file its own record.
 
     ``pixels`` are normalised float32 or uint8 at the model's input size (:class:`SizedDecode`),
     converted and normalised here, on the model's device after the (pinned, non-blocking) copy.

@@ -139,7 +139,7 @@ def _spread_cell(timing: Timing) -> str:
 def pinned_threads(threads: int | None = 1) -> Iterator[int]:
     """Run the block with ``torch.set_num_threads(threads)`` (None: leave it), then restore the old
     count. On a 2-core machine shared with other work, one thread keeps a microbenchmark from
-    waiting for a busy core (notebook 02 sections 2, 3f and 6, via ``helpers.bench``;
+    waiting for a busy core (notebook 02 sections 5 and its 発展, via ``helpers.bench``;
     ``tiny_clip.train``; notebook 05 shows the effect)."""
     previous = torch.get_num_threads()
     if threads is not None:
