@@ -18,7 +18,7 @@ normalises them exactly the way the model's own processor does, and hands float3
 Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is the
 spec's (:meth:`~helpers.models.PreprocessSpec.geometry`): :func:`iter_preprocessed` computes every
 resize size and crop offset on the host from the file's header and passes them per sample;
-:func:`build_pipeline` computes them in the graph from the decoded shape with integer arithmetic,
+:func:`build_pipeline` computes them in the graph from the file's header with integer arithmetic,
 the same except on 28 sizes of LINE's letterbox (see :func:`_graph_geometry`). DALI's CPU JPEG
 decoder gives the same pixels as PIL (libjpeg-turbo both); only the resize filters differ:
 measured on the sample photos, a mean absolute difference of 0.10-0.15 grey levels (of 255),
@@ -124,6 +124,11 @@ def _require(device: str) -> None:
         )
 
 
+def _device_id(device: str) -> int | None:
+    """The ``device_id`` of a pipeline: the current CUDA device for ``"gpu"``, None (no GPU) for ``"cpu"``."""
+    return torch.cuda.current_device() if device == "gpu" else None
+
+
 # ---------------------------------------------------------------- the graph
 
 
@@ -133,10 +138,14 @@ def _interp(spec: PreprocessSpec) -> Any:
     return types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
 
 
-def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, Any, Any]:
-    """(width, height, crop_pos_x, crop_pos_y) computed in the graph from the decoded shape.
+def _graph_geometry(encoded: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, Any, Any]:
+    """(width, height, crop_pos_x, crop_pos_y) computed in the graph from the encoded file's header.
 
-    ノートブック 03 の第 3 節 (ソースを表示して教える).
+    ``fn.experimental.peek_image_shape`` reads the size (EXIF orientation applied, like the
+    decoder) from the encoded bytes on the CPU, so the geometry never waits for the ``mixed``
+    decoder's GPU output: ``images.shape()`` of that output is a GPU → CPU transition, which only
+    the asynchronous pipelined executor allows (``exec_async=False, exec_pipelined=False`` failed
+    at definition time; tests/test_dali_definition.py).
 
     Integer arithmetic: the shorter-side sizes and both crop roundings equal
     :meth:`PreprocessSpec.geometry`; LINE's letterbox is rounded half to even on the exact ratio,
@@ -151,7 +160,7 @@ def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, A
     def as_int(flag: Any) -> Any:
         return fn.cast(flag, dtype=types.INT32)
 
-    shape = images.shape()  # [H, W, C] per sample, on the CPU even for GPU images
+    shape = fn.experimental.peek_image_shape(encoded)  # [H, W, C] per sample, from the header (CPU)
     height, width, target, size = shape[0], shape[1], spec.target, spec.size
     if spec.resize == "squash":
         return size, size, 0.0, 0.0
@@ -185,15 +194,16 @@ def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, A
     return as_float(new_w), as_float(new_h), position(new_w), position(new_h)
 
 
-def preprocess_images(images: DataNode, spec: PreprocessSpec, geometry: DataNode | None = None) -> DataNode:
+def preprocess_images(
+    images: DataNode, spec: PreprocessSpec, geometry: DataNode | None = None, encoded: DataNode | None = None
+) -> DataNode:
     """Decoded HWC uint8 RGB ``images`` (CPU or GPU) → float32 CHW ``spec.size`` squares, like PIL.
-
-    ノートブック 03 の第 3 節 (ソースを表示して教える).
 
     Call inside a pipeline definition. ``geometry``: per sample float32 ``[width, height,
     crop_pos_x, crop_pos_y]`` computed on the host with :meth:`PreprocessSpec.geometry`
-    (:func:`host_geometry`); without it the graph computes it from the decoded shape
-    (:func:`_graph_geometry`). The letterbox is filled with ``spec.pad_value`` (given to DALI in
+    (:func:`host_geometry`); without it the graph computes it from the header of ``encoded``, the
+    files the images were decoded from (:func:`_graph_geometry`). The letterbox is filled with
+    ``spec.pad_value`` (given to DALI in
     normalised units). Mean and std are on the 0-1 scale in ``spec``; DALI works on 0-255, hence
     the ``* 255``.
     """
@@ -204,7 +214,9 @@ def preprocess_images(images: DataNode, spec: PreprocessSpec, geometry: DataNode
         new_w, new_h, pos_x, pos_y = geometry[0], geometry[1], geometry[2], geometry[3]
         rounding = "round"  # the host's positions land on whole pixels: round away float error
     else:
-        new_w, new_h, pos_x, pos_y = _graph_geometry(images, spec)
+        if encoded is None:
+            raise ValueError("preprocess_images needs the host's geometry or the encoded files")
+        new_w, new_h, pos_x, pos_y = _graph_geometry(encoded, spec)
         exact_positions = spec.crop_rounding == "half_even" and spec.resize == "shorter"
         rounding = "round" if exact_positions else "truncate"  # 0.5 truncated: floor offsets, like // 2
     resized = fn.resize(
@@ -280,7 +292,7 @@ def decode_and_preprocess(
         )
     else:
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-    return preprocess_images(images, spec, geometry)
+    return preprocess_images(images, spec, geometry, encoded)
 
 
 def _reader_source(source: str | Path | Sequence[str | Path], labels: Sequence[int] | None) -> dict[str, Any]:
@@ -339,7 +351,7 @@ def build_pipeline(
         "random_shuffle": False,
         **_reader_source(source, labels),
     }
-    device_id = torch.cuda.current_device() if device == "gpu" else None
+    device_id = _device_id(device)
 
     @pipeline_def(
         batch_size=batch_size,
@@ -413,7 +425,7 @@ def training_pipeline(
     reader_args = _reader_source(source, labels)
     normalize = {"dtype": types.FLOAT, "output_layout": "CHW", "device": device}
     normalize |= {"mean": [m * 255 for m in mean], "std": [s * 255 for s in std]}  # DALI は 0〜255 の尺度
-    device_id = torch.cuda.current_device() if device == "gpu" else None
+    device_id = _device_id(device)
 
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, **pipeline_options
@@ -646,7 +658,7 @@ def _host_pipeline(
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=torch.cuda.current_device() if device == "gpu" else None,
+        device_id=_device_id(device),
         prefetch_queue_depth=2,
         seed=0,
     )
