@@ -57,7 +57,7 @@ test-colab: $(COLAB_STAMP)
 ## make gpu-check: every GPU branch (GPU tests, notebooks on the GPU, bench) in one command on a lent GPU
 ## machine, with the interpreter that holds torch (PYTHON, else python3; no .venv); one report in
 ## build/gpu-check/ (and $OUT/gpu-check/). GPU_CHECK_DRY_RUN=1 rehearses it on the CPU, with .venv unless
-## PYTHON is given. See tests/gpu/gpu_check.py and README (メンテナー向け).
+## PYTHON is given. See tests/gpu/gpu_check.py and CONTRIBUTING.md (GPU の確認).
 GPU_CHECK_OWN_PYTHON := $(filter environment environment\ override command\ line,$(origin PYTHON))
 GPU_CHECK_DRY := $(filter 1 true yes on,$(GPU_CHECK_DRY_RUN))
 GPU_CHECK_PYTHON := $(if $(GPU_CHECK_OWN_PYTHON),$(PYTHON),$(if $(GPU_CHECK_DRY),$(BIN)/python,python3))

@@ -1,6 +1,6 @@
 """Plumbing for the Japanese CLIP speed-up course (one module per concept).
 
-Layers, from the plain ones up (``make lint`` checks them; README "helpers" draws them):
+Layers, from the plain ones up (``make lint`` checks them; docs/helpers.md draws them):
 ``env``/``timing``/``plots``/``latency``/``zeroshot`` → ``data`` → ``fixtures`` → ``models`` → ``dali``
 → ``engines``/``embeddings`` → ``engines_ray`` → the commands (``bench``, ``classify``, ``search``,
 ``tiny_clip``); ``tooling`` (repository tools) stands apart. Notebooks import ``helpers``; ``helpers``

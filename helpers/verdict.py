@@ -1,9 +1,12 @@
-"""Conclusions computed from this run's numbers, never asserted: the verdicts the notebooks print.
+"""Conclusions computed from this run's numbers, never asserted: the sentence a notebook prints.
 
-A notebook that interprets a measurement prints one of these lines and its prose cites it::
+The prose of a notebook states what is true on a Colab T4 with the real model, from sourced evidence.
+What *this* run (a CPU in CI, the embedded model) shows is one printed line, built here::
 
-    print(verdict.compare(t_e, t_g))      # "g は e の 2.4 倍速い (揺れ ±6 % を超える差)"
-    print(verdict.largest_stage(stages))  # "いちばん長い段階は「デコード」: 全体の 61 %"
+    verdict.say(verdict.compare(t_e, t_g, "e", "g"))
+    # この実行では: g は e より 2.4 倍速い (揺れ ±6 % を超える差)
+    verdict.say(verdict.largest_stage(stages), f"GPU なしで {n} 枚")
+    # この実行では: いちばん長い段階は「デコード」(3.1 ms、全体の 61 %)。GPU なしで 64 枚
 
 Two timings differ only when the ranges of their runs do not overlap **and** the ratio of their
 medians (or its inverse, when b is slower) is further from 1 than the larger relative spread
@@ -30,11 +33,15 @@ from helpers.timing import Timing
 __all__ = [
     "BOOTSTRAP_LEVEL",
     "MIN_SAMPLES",
+    "RUN_PREFIX",
     "SINGLE_RUN_FACTOR",
     "Verdict",
     "compare",
     "compare_distributions",
     "largest_stage",
+    "ratio_words",
+    "say",
+    "this_run",
 ]
 
 SINGLE_RUN_FACTOR = 1.5
@@ -63,7 +70,9 @@ def _half_spread(timing: Timing) -> float | None:
     return (max(timing.runs) - min(timing.runs)) / timing.seconds / 2
 
 
-def _ratio_words(ratio: float) -> str:
+def ratio_words(ratio: float) -> str:
+    """How many times faster (``ratio`` > 1) or slower, in the course's words: "25 % 速い" below 1.95,
+    "2.4 倍遅い" from there (a speed ratio, so 0.5 reads "2.0 倍遅い", never "50 % 遅い")."""
     if ratio >= 1:
         return f"{ratio:.1f} 倍速い" if ratio >= 1.95 else f"{(ratio - 1) * 100:.0f} % 速い"
     slower = 1 / ratio
@@ -82,7 +91,7 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
         differs = ratio >= SINGLE_RUN_FACTOR or ratio <= 1 / SINGLE_RUN_FACTOR
         if differs:
             text = (
-                f"{b_name} は {a_name} より {_ratio_words(ratio)}"
+                f"{b_name} は {a_name} より {ratio_words(ratio)}"
                 f" (1 回だけの測定で揺れは分からないが、{SINGLE_RUN_FACTOR} 倍以上の差)"
             )
         else:
@@ -100,7 +109,7 @@ def compare(a: Timing, b: Timing, a_label: str | None = None, b_label: str | Non
     differs = apart and far
     ratio_text = f"速さの比 {b_name}/{a_name} = {ratio:.2f}"  # images/s: the inverse of the times' ratio
     if differs:
-        text = f"{b_name} は {a_name} より {_ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
+        text = f"{b_name} は {a_name} より {ratio_words(ratio)} (揺れ ±{noise * 100:.0f} % を超える差)"
     elif far:  # the medians are far apart, but the runs' ranges overlap
         runs = min(len(a.runs), len(b.runs))
         text = (
@@ -175,7 +184,7 @@ def compare_distributions(
     interval = f"中央値の比の {BOOTSTRAP_LEVEL * 100:.0f} % 区間 {lo:.2f}〜{hi:.2f}"
     if differs:
         text = (
-            f"{b_name} は {a_name} より {_ratio_words(ratio)} (中央値どうし。{interval} が 1 をまたがない差)"
+            f"{b_name} は {a_name} より {ratio_words(ratio)} (中央値どうし。{interval} が 1 をまたがない差)"
         )
     else:
         text = f"{b_name} と {a_name} の中央値の差は揺れの範囲内 ({ratio_text}、{interval} が 1 を含む)"
@@ -193,3 +202,26 @@ def largest_stage(stages: Mapping[str, float], unit: str = "ms") -> str:
     name, value = max(stages.items(), key=lambda item: item[1])
     share = value / total if total > 0 else 0.0
     return f"いちばん長い段階は「{name}」({value:.3g} {unit}、全体の {share * 100:.0f} %)"
+
+
+RUN_PREFIX = "この実行では: "
+"""How the one line about this run begins (COURSE.md: the prose never has to hold both ways)."""
+
+
+def this_run(*findings: Verdict | str) -> str:
+    """The line about this run: :data:`RUN_PREFIX`, then the findings joined into sentences with "。".
+
+    A finding is a :class:`Verdict` (from :func:`compare`, :func:`compare_distributions`) or a string
+    the notebook built from this run's values (:func:`largest_stage`, a share, a count).
+    """
+    parts = [str(finding).strip().removesuffix("。") for finding in findings]
+    if not parts or not all(parts):
+        raise ValueError("this_run needs at least one finding, and no empty one")
+    if any(RUN_PREFIX.strip() in part for part in parts):
+        raise ValueError(f"a finding already starts with {RUN_PREFIX.strip()!r}: pass the finding itself")
+    return RUN_PREFIX + "。".join(parts)
+
+
+def say(*findings: Verdict | str) -> None:
+    """Print :func:`this_run`'s line: the one call a notebook makes after a measurement."""
+    print(this_run(*findings))

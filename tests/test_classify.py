@@ -17,7 +17,7 @@ from helpers.models import ModelCheckError, load_clip
 
 LABELS = "赤い丸,青い三角,緑の四角,黄色い星"
 DALI_PROB_TOLERANCE = 0.02
-"""The most a probability may move between the DALI and the PIL (DataLoader) backends (README says so)."""
+"""The most a probability may move between the DALI and the PIL (DataLoader) backends (docs/classify.md)."""
 GOOD = {  # file → the label drawn in it
     "赤い 丸.jpg": "赤い丸",
     "blue triangle.png": "青い三角",

@@ -87,7 +87,7 @@ def test_settings_come_from_the_environment(environ: dict[str, str], tmp_path: P
 def test_the_notebook_extras_are_the_tooling_s() -> None:
     from helpers.tooling.notebooks import EXTRAS
 
-    assert {extra: next(iter(modules)) for extra, modules in EXTRAS.items()} == gc.EXTRA_MODULES
+    assert {extra: packages[0].module for extra, packages in EXTRAS.items()} == gc.EXTRA_MODULES
     assert gc.notebook_extras(gc.notebook_paths(["07"])[0]) == ["ray"]
 
 

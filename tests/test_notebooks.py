@@ -127,6 +127,57 @@ def test_setup_template_renders_extras_and_pins() -> None:
     assert badge.endswith("(https://colab.research.google.com/github/me/course/blob/v1/notebooks/01_x.ipynb)")
 
 
+CHOICE = nbtool.Package("no_such_module_xyz", "cpu-build==1.0", gpu="gpu-build==1.0")
+"""A package built per runtime (as onnxruntime / onnxruntime-gpu), pinned in place."""
+
+
+def test_an_extra_may_choose_a_gpu_or_cpu_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(nbtool.EXTRAS, "choice", (CHOICE,))
+    setup = nbtool.render_setup(["choice"], "me/course", "v1")
+    assert '"no_such_module_xyz": {"gpu": "gpu-build==1.0", "cpu": "cpu-build==1.0"},' in setup
+    assert 'shutil.which("nvidia-smi")' in setup
+    assert "nvidia-smi" not in nbtool.render_setup(["dali"], "me/course", "v1")  # only where a choice exists
+    assert nbtool.colab_installs(["choice"], gpu=False) == ["matplotlib-fontja==1.1.0", "cpu-build==1.0"]
+    assert nbtool.colab_installs(["choice"], gpu=True)[-1] == "gpu-build==1.0"
+    assert CHOICE.described() == "gpu-build==1.0 (GPU) / cpu-build==1.0 (CPU)"
+    assert CHOICE.distributions() == ["gpu-build", "cpu-build"]
+
+
+@pytest.mark.parametrize(("runtime", "installed"), [("gpu", "gpu-build==1.0"), ("cpu", "cpu-build==1.0")])
+def test_the_setup_cell_installs_the_build_that_fits_the_runtime(
+    runtime: str, installed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rendered cell on a stand-in Colab (google.colab importable, the clone in place, pip recorded),
+    with and without ``nvidia-smi`` on PATH; a build that is already there is not installed again."""
+    monkeypatch.setitem(
+        nbtool.EXTRAS, "choice", (CHOICE, nbtool.Package("x_mod", "pytest==0.1", gpu="pytest==0.1"))
+    )
+    stubs, bin_dir = tmp_path / "stubs", tmp_path / "bin"
+    for name, code in {
+        "google/__init__.py": "",
+        "google/colab/__init__.py": "",
+        "IPython/__init__.py": "class _Shell:\n    def run_line_magic(self, magic, line):\n"
+        "        print('MAGIC', magic, line)\n\ndef get_ipython():\n    return _Shell()\n",
+    }.items():
+        (stubs / name).parent.mkdir(parents=True, exist_ok=True)
+        (stubs / name).write_text(code)
+    bin_dir.mkdir()
+    if runtime == "gpu":
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    (tmp_path / "course" / "helpers").mkdir(parents=True)  # the clone is there: no git clone
+    script = tmp_path / "cell.py"
+    script.write_text(nbtool.render_setup(["choice"], "me/course", "v1"))
+    env = dict(os.environ, PYTHONPATH=str(stubs), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    magic = [line for line in result.stdout.splitlines() if line.startswith("MAGIC")]
+    assert len(magic) == 1 and magic[0].endswith(f" {installed}"), result.stdout  # pytest is installed
+    assert f"追加したパッケージ: {installed})" in result.stdout
+
+
 def test_sync_fixes_drift_and_check_reports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / NOTEBOOKS[0].name
     shutil.copy(NOTEBOOKS[0], copy)
@@ -239,11 +290,17 @@ def test_jupyterlab_serves_lab(tmp_path: Path) -> None:
 
 
 def test_readme_links_every_notebook_with_a_badge() -> None:
+    """A new notebook needs its row in README's table: this test says so, one line per notebook."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     config = nbtool.load_config()
-    for path in NOTEBOOKS:
-        assert f"(notebooks/{path.name})" in readme, path.name
-        assert nbtool.render_badge(path.name, config["slug"], config["ref"]) in readme, path.name
+    missing = [
+        f"README.md: no table row links notebooks/{path.name} with its Colab badge"
+        f" {nbtool.render_badge(path.name, config['slug'], config['ref'])}"
+        for path in NOTEBOOKS
+        if f"(notebooks/{path.name})" not in readme
+        or nbtool.render_badge(path.name, config["slug"], config["ref"]) not in readme
+    ]
+    assert missing == [], "\n".join(missing)
 
 
 def test_readme_times_are_the_notebooks_own() -> None:
@@ -251,7 +308,9 @@ def test_readme_times_are_the_notebooks_own() -> None:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     for planned in nbtool.course_plan():
         link = f"(notebooks/{planned.name})"
-        row = next(line for line in readme.splitlines() if link in line and line.startswith("|"))
+        rows = [line for line in readme.splitlines() if link in line and line.startswith("|")]
+        assert rows, f"README.md: no table row for notebooks/{planned.name}"
+        row = rows[0]
         assert planned.minutes.count("(") == planned.minutes.count(")"), planned  # the whole paragraph read
         minutes = planned.minutes.split("分")[0].removeprefix("約").strip()
         assert f"| {minutes} 分 |" in row, (planned.name, planned.minutes)
@@ -261,5 +320,7 @@ def test_readme_times_are_the_notebooks_own() -> None:
 def test_instructor_guide_has_a_timed_plan() -> None:
     guide = (REPO_ROOT / "notebooks" / "INSTRUCTOR.md").read_text(encoding="utf-8")
     assert "## 時間割" in guide and "0:00" in guide and "3:00" in guide
-    for path in NOTEBOOKS:
-        assert path.name[:2] in guide, f"INSTRUCTOR.md does not mention notebook {path.name[:2]}"
+    missing = [
+        f"INSTRUCTOR.md does not mention notebook {p.name[:2]}" for p in NOTEBOOKS if p.name[:2] not in guide
+    ]
+    assert missing == [], "\n".join(missing)

@@ -116,3 +116,30 @@ def test_distributions_are_seeded_take_latency_names_and_need_enough_calls() -> 
     assert not few.differs and math.isnan(few.noise) and "判定できない" in str(few)
     with pytest.raises(ValueError):
         verdict.compare_distributions([], [0.001])
+
+
+def test_this_run_is_one_line_that_starts_with_the_prefix() -> None:
+    a, b = _timing("e", 1.0, 1.02, 0.98), _timing("g", 0.45, 0.46, 0.44)
+    line = verdict.this_run(verdict.compare(a, b), "64 枚、GPU なし。")
+    assert line == "この実行では: g は e より 2.2 倍速い (揺れ ±2 % を超える差)。64 枚、GPU なし"
+    assert "\n" not in line and line.startswith(verdict.RUN_PREFIX)
+
+
+def test_say_prints_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+    verdict.say(verdict.largest_stage({"デコード": 3.0, "モデル": 1.0}))
+    assert capsys.readouterr().out == "この実行では: いちばん長い段階は「デコード」(3 ms、全体の 75 %)\n"
+
+
+def test_this_run_refuses_nothing_an_empty_finding_and_a_doubled_prefix() -> None:
+    for findings in [(), ("",), ("この実行では: b は a より速い",)]:
+        with pytest.raises(ValueError):
+            verdict.this_run(*findings)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "words"),
+    [(1.25, "25 % 速い"), (1.949, "95 % 速い"), (1.96, "2.0 倍速い"), (2.4, "2.4 倍速い"), (0.8, "25 % 遅い"),
+     (0.5, "2.0 倍遅い"), (0.1, "10.0 倍遅い")],
+)  # fmt: skip
+def test_ratio_words_switch_from_percent_to_times_at_195(ratio: float, words: str) -> None:
+    assert verdict.ratio_words(ratio) == words

@@ -14,7 +14,7 @@ Model names (:func:`load_clip`):
 - ``"line-corporation/clip-japanese-base"`` (:data:`DEFAULT_MODEL`): the real default; remote code
   with a timm EVA02 image tower (needs timm, hence torchvision: Colab and the GPU machine have both).
   ``"line-corporation/clip-japanese-base-v2"`` (:data:`LINE_V2`) loads the same way (its code was not
-  available to verify here; the README says what was checked).
+  available to verify here; docs/models.md says what was checked).
 - ``"rinna/japanese-cloob-vit-b-16"``, ``"rinna/japanese-clip-vit-b-16"``: through rinna's optional
   ``japanese_clip`` package (:mod:`helpers.models.rinna`).
 - ``"embedded"`` (alias ``"tiny"``): the tiny CLIP shipped in ``helpers/assets/tiny-clip-ja``

@@ -51,7 +51,7 @@ __all__ = [
 DEFAULT_MODEL = "line-corporation/clip-japanese-base"
 """The real model the course uses by default (Apache-2.0, EVA02-B/16 + BERT, 512-d)."""
 LINE_V2 = "line-corporation/clip-japanese-base-v2"
-"""LINE's second version (Apache-2.0, same CLYP remote code layout; not verified here: see README)."""
+"""LINE's second version (Apache-2.0, same CLYP remote code layout; not verified here: see docs/models.md)."""
 LINE_MODELS: tuple[str, ...] = (DEFAULT_MODEL, LINE_V2)
 """LINE's CLYP models, loaded through their remote code with the same shims."""
 RINNA_MODELS: tuple[str, ...] = ("rinna/japanese-cloob-vit-b-16", "rinna/japanese-clip-vit-b-16")
@@ -86,7 +86,7 @@ class ModelCheckError(RuntimeError):
 DECODE_MARGIN = 1.5
 """Decoding at reduced size keeps the resized side at least this many times the model's input, so the
 resize that follows still shrinks (by ≥ 1.5, with its antialiasing filter) rather than working from a
-picture at or below the model's size (README: the measured effect on the answers)."""
+picture at or below the model's size (docs/classify.md: the measured effect on the answers)."""
 
 DecodeSide = Literal["shorter", "longer", "both"]
 """Which side of a picture a reduced decode must keep large enough (``"both"``: each side)."""

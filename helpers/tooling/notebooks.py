@@ -1,8 +1,9 @@
-"""Keep every notebook's Colab badge and set-up cell generated from one template.
+"""Keep every notebook's Colab badge and set-up cell generated from one template, and its saved cells true.
 
 ``python -m helpers.tooling.notebooks sync [--slug OWNER/NAME] [--ref REF]`` rewrites them (and saves a
 new slug/ref to ``notebooks/colab.json``); ``python -m helpers.tooling.notebooks check`` lists notebooks
-that drifted from the template and exits 1 if any did.
+that drifted from the template, keep stray outputs, or hold a ``#@save`` cell whose code differs from
+its module's (:mod:`helpers.tooling.saved_cells`), and exits 1 if any does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import nbformat
 
 from helpers import REPO_ROOT
+from helpers.tooling.saved_cells import saved_problems
 
 NOTEBOOK_DIR: Path = REPO_ROOT / "notebooks"
 CONFIG_PATH: Path = NOTEBOOK_DIR / "colab.json"
@@ -24,14 +26,68 @@ REQUIREMENTS: Path = REPO_ROOT / "requirements.txt"
 BADGE_TAG = "colab-badge"
 SETUP_TAG = "colab-setup"
 
-BASE_PACKAGES: dict[str, str] = {"matplotlib_fontja": "matplotlib-fontja"}
-"""What every notebook needs that Colab lacks: import name → distribution name."""
 
-EXTRAS: dict[str, dict[str, str]] = {
-    "dali": {"nvidia.dali": "nvidia-dali-cuda120"},
-    "ray": {"ray": "ray"},
+@dataclass(frozen=True)
+class Package:
+    """One package the set-up cell installs on Colab when it is missing there.
+
+    ``module`` is the import name that shows it is present. ``cpu`` is the distribution installed on
+    every runtime, unless ``gpu`` names another one for GPU runtimes (``onnxruntime`` /
+    ``onnxruntime-gpu``); then the cell installs the one that fits the runtime, when that very
+    distribution is missing. A name without ``==`` takes its pin from requirements.txt (the one
+    place pins live); a name with ``==`` carries its own pin (a GPU build that CI never installs).
+    """
+
+    module: str
+    cpu: str
+    gpu: str | None = None
+
+    def distributions(self) -> list[str]:
+        """Every distribution this package may install, without pins."""
+        names = [self.cpu] if self.gpu is None else [self.gpu, self.cpu]
+        return [name.split("==")[0] for name in names]
+
+    def requirement(self, gpu: bool) -> str:
+        """The pinned requirement the set-up cell installs on a GPU (``gpu``) or CPU runtime."""
+        return pinned(self.gpu if gpu and self.gpu else self.cpu)
+
+    def described(self) -> str:
+        """For people: ``onnxruntime-gpu==… (GPU) / onnxruntime==… (CPU)``, or the one requirement."""
+        if self.gpu is None:
+            return self.requirement(False)
+        return f"{self.requirement(True)} (GPU) / {self.requirement(False)} (CPU)"
+
+    def rendered(self) -> str:
+        """How the set-up cell's ``COLAB_PACKAGES`` writes it: a requirement, or one per runtime."""
+        if self.gpu is None:
+            return f'"{pinned(self.cpu)}"'
+        return f'{{"gpu": "{pinned(self.gpu)}", "cpu": "{pinned(self.cpu)}"}}'
+
+
+BASE_PACKAGES: tuple[Package, ...] = (Package("matplotlib_fontja", "matplotlib-fontja"),)
+"""What every notebook needs that Colab lacks."""
+
+EXTRAS: dict[str, tuple[Package, ...]] = {
+    "dali": (Package("nvidia.dali", "nvidia-dali-cuda120"),),
+    "ray": (Package("ray", "ray"),),
 }
-"""Per-notebook extras (``metadata.course.extras``): import name → distribution name."""
+"""Per-notebook extras (``metadata.course.extras``): name → the packages it adds."""
+
+
+def packages(extras: list[str]) -> list[Package]:
+    """What the set-up cell of a notebook with ``extras`` (e.g. ``["dali"]``) installs where missing."""
+    chosen = list(BASE_PACKAGES)
+    for extra in extras:
+        if extra not in EXTRAS:
+            raise KeyError(f"unknown extra {extra!r}; known: {sorted(EXTRAS)}")
+        chosen += EXTRAS[extra]
+    return chosen
+
+
+def colab_installs(extras: list[str], gpu: bool = True) -> list[str]:
+    """The pinned requirements the set-up cell installs on a fresh GPU (or CPU) runtime."""
+    return [package.requirement(gpu) for package in packages(extras)]
+
 
 SETUP_TEMPLATE = """\
 #@title セットアップ (実行するだけで大丈夫です。中身はダブルクリックで表示)
@@ -65,8 +121,7 @@ def _course_setup() -> None:
         subprocess.run(
             ["git", "clone", "--quiet", "--depth", "1", "--branch", COURSE_REF, COURSE_REPO, root], check=True
         )
-    missing = [pip_name for module, pip_name in COLAB_PACKAGES.items() if not has(module)]
-    if missing:
+{choose}    if missing:
         from IPython import get_ipython
 
         quiet = "--quiet --disable-pip-version-check --root-user-action=ignore"  # no notices from pip itself
@@ -77,6 +132,30 @@ def _course_setup() -> None:
 
 
 _course_setup()"""
+
+
+CHOOSE_ANY = """\
+    missing = [pip_name for module, pip_name in COLAB_PACKAGES.items() if not has(module)]
+"""
+"""The template's ``{choose}`` slot when every package has one build."""
+
+CHOOSE_BY_RUNTIME = """\
+    import shutil
+    from importlib.metadata import PackageNotFoundError, version
+
+    gpu = shutil.which("nvidia-smi") is not None  # a GPU runtime: packages built per runtime take that build
+    missing = []
+    for module, pip_name in COLAB_PACKAGES.items():
+        if isinstance(pip_name, dict):  # built per runtime: is this runtime's build installed?
+            pip_name = pip_name["gpu" if gpu else "cpu"]
+            try:
+                version(pip_name.split("==")[0])
+            except PackageNotFoundError:
+                missing.append(pip_name)
+        elif not has(module):
+            missing.append(pip_name)
+"""
+"""The ``{choose}`` slot when a package has a GPU and a CPU build (:class:`Package` with ``gpu``)."""
 
 
 def load_config() -> dict[str, str]:
@@ -92,7 +171,10 @@ def save_config(slug: str, ref: str) -> None:
 
 
 def pinned(distribution: str) -> str:
-    """``distribution`` with the version pin requirements.txt gives it (the one place pins live)."""
+    """``distribution`` with the version pin requirements.txt gives it (the one place pins live);
+    a name that already carries ``==`` is returned as it is."""
+    if "==" in distribution:
+        return distribution
     pattern = re.compile(rf"^{re.escape(distribution)}(\[[\w,]+\])?\s*([=<>!~].*)?$", re.IGNORECASE)
     for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines():
         match = pattern.match(line.split("#", 1)[0].strip())
@@ -109,13 +191,12 @@ def render_badge(notebook: str, slug: str, ref: str) -> str:
 
 def render_setup(extras: list[str], slug: str, ref: str) -> str:
     """The first code cell of a notebook that needs ``extras`` (e.g. ``["dali"]``)."""
-    modules = dict(BASE_PACKAGES)
-    for extra in extras:
-        if extra not in EXTRAS:
-            raise KeyError(f"unknown extra {extra!r}; known: {sorted(EXTRAS)}")
-        modules.update(EXTRAS[extra])
-    packages = "{\n" + "".join(f'    "{m}": "{pinned(d)}",\n' for m, d in modules.items()) + "}"
-    return SETUP_TEMPLATE.format(slug=slug, ref=ref, packages=packages, dirname=slug.split("/")[1])
+    chosen = packages(extras)
+    rows = "".join(f'    "{p.module}": {p.rendered()},\n' for p in chosen)
+    choose = CHOOSE_BY_RUNTIME if any(p.gpu for p in chosen) else CHOOSE_ANY
+    return SETUP_TEMPLATE.format(
+        slug=slug, ref=ref, packages="{\n" + rows + "}", dirname=slug.split("/")[1], choose=choose
+    )
 
 
 @dataclass(frozen=True)
@@ -127,7 +208,12 @@ class PlannedNotebook:
     minutes: str
     """The notebook's ``所要時間:`` line, without the label."""
     installs: list[str]
-    """What its set-up cell installs on Colab (pinned), beyond what Colab has."""
+    """What its set-up cell installs on Colab (pinned), beyond what Colab has; a package with a GPU build
+    reads ``GPU==… (GPU) / CPU==… (CPU)``."""
+
+
+WAIT_LABEL = "実行の待ち (Colab T4 の見込み):"
+"""The line after the time line that states the expected waiting (helpers.tooling.workshop reads it)."""
 
 
 def _paragraph_after(lines: list[str], label: str) -> str:
@@ -136,7 +222,7 @@ def _paragraph_after(lines: list[str], label: str) -> str:
         if line.startswith(label):
             parts = [line[len(label) :].strip()]
             for more in lines[i + 1 :]:
-                if not more.strip() or more.lstrip().startswith(("#", "-", "|")):
+                if not more.strip() or more.lstrip().startswith(("#", "-", "|", WAIT_LABEL)):
                     break
                 parts.append(more.strip())
             return "".join(parts)
@@ -154,10 +240,8 @@ def course_plan() -> list[PlannedNotebook]:
         lines = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()]
         title = next((line[2:] for line in lines if line.startswith("# ")), path.stem)
         minutes = _paragraph_after(lines, "所要時間:")
-        modules = dict(BASE_PACKAGES)
-        for extra in nb.metadata.get("course", {}).get("extras", []):
-            modules.update(EXTRAS[extra])
-        plan.append(PlannedNotebook(path.name, title, minutes, [pinned(d) for d in modules.values()]))
+        extras = nb.metadata.get("course", {}).get("extras", [])
+        plan.append(PlannedNotebook(path.name, title, minutes, [p.described() for p in packages(extras)]))
     return plan
 
 
@@ -336,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     sync_parser = sub.add_parser("sync", help="rewrite badges and set-up cells from the template")
     sync_parser.add_argument("--slug", help="GitHub OWNER/NAME to point at (saved in notebooks/colab.json)")
     sync_parser.add_argument("--ref", help="branch or tag the badges and clones use")
-    sub.add_parser("check", help="exit 1 if any notebook differs from the template or keeps stray outputs")
+    sub.add_parser(
+        "check",
+        help="exit 1 if any notebook differs from the template, keeps stray outputs or has a #@save cell"
+        " that differs from its module",
+    )
     out_parser = sub.add_parser(
         "outputs", help="run notebooks; keep outputs of NBVAL_CHECK_OUTPUT cells only"
     )
@@ -355,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"running {path.name}", flush=True)
                 refresh_outputs(path)
         return 0
-    problems = [p for path in notebooks() for p in check_notebook(path) + output_problems(path)]
+    problems = [
+        p for path in notebooks() for p in check_notebook(path) + output_problems(path) + saved_problems(path)
+    ]
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,8 @@ def not_on_colab() -> set[str]:
 
 def colab_lacks(extras: list[str]) -> dict[str, str]:
     """What the set-up cell of a notebook with ``extras`` must install: {distribution: pinned requirement}."""
-    modules = dict(nbtool.BASE_PACKAGES)
-    for extra in extras:
-        modules.update(nbtool.EXTRAS[extra])
-    return {canonical(dist): nbtool.pinned(dist) for dist in modules.values()}
+    gpu = shutil.which("nvidia-smi") is not None  # as the set-up cell chooses a package's build
+    return {canonical(r.split("==")[0]): r for r in nbtool.colab_installs(extras, gpu=gpu)}
 
 
 def uninstall(names: set[str]) -> None:

@@ -85,9 +85,8 @@ def test_committed_constraints_pin_every_course_package_and_nothing_colab_lacks(
 
 def test_every_requirement_has_a_colab_story() -> None:
     """Each requirement is on Colab (pinned here), installed by the set-up cell, or dev-only."""
-    setup_installs = {rc.canonical(d) for d in nbtool.BASE_PACKAGES.values()} | {
-        rc.canonical(d) for extra in nbtool.EXTRAS.values() for d in extra.values()
-    }
+    every_package = [*nbtool.BASE_PACKAGES, *(p for extra in nbtool.EXTRAS.values() for p in extra)]
+    setup_installs = {rc.canonical(d) for package in every_package for d in package.distributions()}
     assert setup_installs <= {rc.canonical(n) for n in rc.COURSE_INSTALLS}
     known = {*rc.ROOTS, *rc.DEPENDENCIES, *rc.LEFT_OUT, *setup_installs, *rc.DEV_ONLY}
     names = []

@@ -1,6 +1,6 @@
 """``make gpu-check``: every GPU branch of the course, checked in one command on a lent GPU machine.
 
-A lease of a GPU machine is short (see README, メンテナー向け), so this script is prepared and
+A lease of a GPU machine is short (see CONTRIBUTING.md, GPU の確認), so this script is prepared and
 rehearsed on the CPU and then run once there. Steps, in order of value, each a subprocess with its
 own timeout (``GPU_CHECK_TIMEOUT_<STEP>`` seconds) and the whole run within ``GPU_CHECK_BUDGET_S``:
 
@@ -1043,7 +1043,7 @@ def step_notebooks(ctx: Context, result: StepResult) -> None:
         result.status = "missing"
         result.failures.append(
             f"{', '.join(missing)} not importable: nbval cannot run the notebooks"
-            " (bring the wheels: README, メンテナー向け)"
+            " (bring the wheels: CONTRIBUTING.md, GPU の確認)"
         )
         return
     step_end = time.monotonic() + min(s.timeouts["notebooks"], ctx.remaining())
