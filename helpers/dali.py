@@ -69,6 +69,7 @@ __all__ = [
     "default_device",
     "host_geometry",
     "iter_preprocessed",
+    "preprocess_files",
     "preprocess_images",
     "route",
     "route_reason",
@@ -374,6 +375,28 @@ def build_pipeline(
         return pixels, file_labels
 
     return clip_pipeline()
+
+
+def preprocess_files(
+    files: Sequence[str | Path], spec: PreprocessSpec, device: Device = "cpu", batch_size: int = 8
+) -> torch.Tensor:
+    """:func:`build_pipeline` over ``files``: one epoch, float32 ``[N, 3, size, size]`` on the CPU, in order.
+
+    Notebook 03 compares it with the PIL reference (発展 1). A copy of every batch: DALI reuses its buffers.
+    """
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    pipe = build_pipeline(files, spec, batch_size, device)
+    policy = LastBatchPolicy.PARTIAL
+    loader = DALIGenericIterator(pipe, OUTPUT_MAP, reader_name=READER_NAME, last_batch_policy=policy)
+    rows: dict[int, torch.Tensor] = {}
+    for batch in loader:
+        pixels = batch[0]["pixels"].to("cpu", copy=True)
+        rows.update(zip(batch[0]["labels"].view(-1).tolist(), pixels, strict=True))
+    if sorted(rows) != list(range(len(files))):
+        raise RuntimeError(f"DALI gave positions {sorted(rows)} for {len(files)} files")
+    return torch.stack([rows[i] for i in range(len(files))])
 
 
 TRAIN_OUTPUTS = ["images", "labels"]

@@ -128,3 +128,82 @@ def test_training_pipeline_definition(
 def test_env_probe_pipeline_definition() -> None:
     """env.dali_gpu_ok()'s one-image ``mixed`` decode."""
     _defined(env._dali_probe_pipeline(device_id=None))
+
+
+# ---------------------------------------------------------------- the notebooks' own pipelines
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def notebook_definitions(notebook: str, names: set[str], **namespace: Any) -> dict[str, Any]:
+    """The notebook's definitions of ``names``, executed from its cells: each code cell that defines one of
+    them contributes its imports, its defs and classes, and its assignments that call nothing (constants
+    such as ``MEAN = [m * 255 for m in CLIP_MEAN]``); nothing else of the cell runs. ``namespace``: the
+    notebook's earlier names they use (``DECODER``, ``DEVICE_ID``...)."""
+    import ast
+
+    import nbformat
+
+    scope: dict[str, Any] = dict(namespace)
+    found: set[str] = set()
+    for cell in nbformat.read(NOTEBOOKS / notebook, as_version=4).cells:
+        if cell.cell_type != "code" or cell.source.lstrip().startswith(("%", "!")):
+            continue
+        tree = ast.parse(cell.source)
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        if not defined & names:
+            continue
+
+        def kept(node: ast.stmt) -> bool:
+            if isinstance(node, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.ClassDef):
+                return True
+            return isinstance(node, ast.Assign) and not any(isinstance(n, ast.Call) for n in ast.walk(node))
+
+        module = ast.Module(body=[n for n in tree.body if kept(n)], type_ignores=[])
+        exec(compile(module, f"{notebook}", "exec"), scope)
+        found |= defined & names
+    assert found == names, f"{notebook} defines none of {sorted(names - found)}"
+    return scope
+
+
+def _gpu_scope(files: list[Path]) -> dict[str, Any]:
+    """The names the notebooks' pipeline cells read, as a GPU run sets them (device_id None: defined only)."""
+    import numpy as np
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    files_ = [str(p) for p in files]
+    return {
+        "DECODER": "mixed",
+        "DEVICE_ID": None,
+        "photo_files": files_,
+        "np": np,
+        "fn": fn,
+        "types": types,
+    } | {"pipeline_def": pipeline_def}
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_03_lesson_pipelines_definition(jpegs: list[Path], executor: str) -> None:
+    """03's inline inference pipeline, the DALI article's and exercise 2's flip pipeline, on the GPU."""
+    scope = notebook_definitions(
+        "03_dali_preprocessing.ipynb",
+        {"inference_pipeline", "article_pipeline", "flip_pipeline"},
+        **_gpu_scope(jpegs),
+    )
+    files = [str(p) for p in jpegs]
+    options = {"batch_size": 2, "num_threads": 1, "device_id": None, **EXECUTORS[executor]}
+    for name in ("inference_pipeline", "article_pipeline", "flip_pipeline"):
+        _defined(scope[name](files, "mixed", **options))
+
+
+def test_03_external_source_pipelines_definition(jpegs: list[Path]) -> None:
+    """03's external_source pipelines (a batch callback; a parallel per-sample one) with the mixed decoder."""
+    scope = notebook_definitions(
+        "03_dali_preprocessing.ipynb",
+        {"external_pipeline", "parallel_pipeline", "read_batch"},
+        **_gpu_scope(jpegs),
+    )
+    _defined(scope["external_pipeline"]())
+    _defined(scope["parallel_pipeline"](dali.FileSource(jpegs, batch_size=4)))
