@@ -207,3 +207,18 @@ def test_03_external_source_pipelines_definition(jpegs: list[Path]) -> None:
     )
     _defined(scope["external_pipeline"]())
     _defined(scope["parallel_pipeline"](dali.FileSource(jpegs, batch_size=4)))
+
+
+def _training_scope(jpegs: list[Path]) -> dict[str, Any]:
+    from helpers.models import CLIP_MEAN, CLIP_STD
+
+    return _gpu_scope(jpegs) | {"CLIP_MEAN": CLIP_MEAN, "CLIP_STD": CLIP_STD, "SIZE": 32}
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("training", [True, False])
+def test_04_training_pipeline_definition(jpegs: list[Path], training: bool, executor: str) -> None:
+    """04's inline training pipeline (image_random_crop with the padding hints) and its validation form."""
+    scope = notebook_definitions("04_dali_training.ipynb", {"training_pipeline"}, **_training_scope(jpegs))
+    options = {"batch_size": 2, "num_threads": 1, "device_id": None, **EXECUTORS[executor]}
+    _defined(scope["training_pipeline"](str(jpegs[0].parent.parent), "mixed", training, **options))
