@@ -12,16 +12,17 @@ normalises them exactly the way the model's own processor does, and hands float3
 
 :func:`iter_preprocessed` is the robust form for folders of arbitrary files (used by
 ``helpers.engines``): every file gets its pixels or its own error, odd files go through PIL.
-:func:`training_pipeline` is notebook 04's training and validation pipeline for a small CNN
-(shuffling, random crops and flips; every file exactly once per epoch).
+:func:`training_pipeline` is a training and validation pipeline for a small CNN (the tests' form of
+notebook 04's: shuffling, random crops and flips; every file exactly once per epoch).
 
 Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is the
 spec's (:meth:`~helpers.models.PreprocessSpec.geometry`): :func:`iter_preprocessed` computes every
 resize size and crop offset on the host from the file's header and passes them per sample;
 :func:`build_pipeline` computes them in the graph from the file's header with integer arithmetic,
 the same except on 28 sizes of LINE's letterbox (see :func:`_graph_geometry`). DALI's CPU JPEG
-decoder gives the same pixels as PIL (libjpeg-turbo both); only the resize filters differ:
-measured on the sample photos, a mean absolute difference of 0.10-0.15 grey levels (of 255),
+decoder and PIL both use libjpeg-turbo (whether they give the same pixels was not measured alone);
+decoding and resizing together, measured on the sample photos: a mean absolute difference of
+0.10-0.15 grey levels (of 255),
 fewer than 0.5 % of values off by more than 2 levels, at most 6-16 levels at sharp edges (more
 for stronger shrinking). The GPU decoder (nvJPEG) may differ from libjpeg-turbo by a few levels
 more (not measured here).
@@ -267,17 +268,18 @@ def decode_and_preprocess(
 ) -> DataNode:
     """Encoded files → decoded RGB (``mixed`` on the GPU, else CPU) → :func:`preprocess_images`.
 
-    ノートブック 03 の第 2.2 節と第 4.1 節 (デコーダーの 2 つのつまみ; 第 4.1 節でソースを表示).
+    ノートブック 03 の発展 3 (デコーダーの 2 つのつまみ).
 
     EXIF orientation: recent DALI releases apply it in the decoder (``adjust_orientation``), older
     ones do not, so :func:`iter_preprocessed` sends EXIF-rotated files to PIL (see :func:`route`)
     and the pipeline only ever sees upright files. ``fancy_upsampling`` makes nvJPEG upsample
     chroma the way libjpeg-turbo (and so PIL) does. The ``mixed`` decoder's two knobs:
-    ``hw_decoder_load``, the share of JPEGs for the hardware decoder of A100/H100/H200 (a T4 has
-    none; DALI's default 0.65); ``hybrid_huffman_threshold``, the picture size in pixels from which
-    nvJPEG decodes Huffman on the GPU: below it the **host** decodes Huffman and copies
-    coefficients (None: DALI's default, 1,000,000 px in DALI 2.x, so a 1260×750 photo is decoded
-    partly on the CPU). Both are DALI's defaults here: this course has measured neither on a GPU;
+    ``hw_decoder_load``, the share of JPEGs for the hardware JPEG decoder of GPUs that have one
+    (A100, A30, H100; a T4 has none; DALI's default 0.65); ``hybrid_huffman_threshold``, the picture
+    size in pixels above which nvJPEG uses its hybrid Huffman decoder (which, DALI says, still
+    largely uses the CPU); below it the host-side Huffman decoder (None: DALI's default, 1,000,000 px
+    in DALI 2.x, so a 1260×750 photo's Huffman decoding is on the CPU). Both are DALI's defaults here:
+    this course has measured neither on a GPU;
     ``python -m helpers.bench --dali-hybrid-threshold ... --dali-hw-decoder-load ...`` sweeps them.
     ``geometry``: see :func:`preprocess_images`.
     """
@@ -329,7 +331,7 @@ def build_pipeline(
 ) -> Pipeline:
     """A DALI pipeline: ``fn.readers.file`` → decode → resize/crop/pad → normalise, outputs ``OUTPUT_MAP``.
 
-    ノートブック 03 の第 3 節 (ソースを表示して教える; 第 4〜6 節で使う).
+    ノートブック 03 の発展 1・2 (モデルの前処理、非同期実行) と、講座のエンジンの前処理.
 
     ``source``: a list of files (labels: ``labels``, default their positions 0, 1, ...), or a
     folder (DALI's ``file_root`` mode: one sub-folder per class, labelled in sorted order; files
@@ -420,7 +422,7 @@ def training_pipeline(
 ) -> Pipeline:
     """A training (``augment=True``) or validation pipeline for a small CNN, outputs :data:`TRAIN_OUTPUTS`.
 
-    ノートブック 04 の第 2 節 (ソースを表示して教える; 第 4〜6 節で使う).
+    テスト (tests/test_dali_epoch.py, tests/gpu) が使う学習用パイプライン (04 は同じ形をセルに書く).
 
     Training: shuffled order, a random crop of ``area`` of the picture at an aspect ratio in
     ``ratio``, resized to ``size``², flipped left-right half of the time. Validation: the file
@@ -483,7 +485,7 @@ def training_pipeline(
 class FileSource:
     """A per-sample ``fn.external_source`` callback: sample ``i`` → (file bytes, ``[i]`` as int32).
 
-    ノートブック 03 の第 2.5 節.
+    ノートブック 03 の発展 4.
 
     Picklable (a module-level class holding only paths), so it works with ``parallel=True`` and
     ``py_start_method="spawn"``. A per-sample source only ever makes **full** batches: the epoch
@@ -766,7 +768,7 @@ def iter_preprocessed(
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
     """Preprocess ``paths`` with DALI in batches: yields ``(indices, pixels, errors)``.
 
-    ノートブック 03 の第 7 節 (壊れたファイル).
+    講座のエンジン (helpers.engines) の DALI の経路.
 
     Yield ``k`` covers the positions ``k * batch_size`` ... ``(k + 1) * batch_size - 1`` of
     ``paths``: ``indices`` lists (ascending) those whose pixels are in ``pixels`` (float32
