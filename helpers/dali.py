@@ -12,16 +12,17 @@ normalises them exactly the way the model's own processor does, and hands float3
 
 :func:`iter_preprocessed` is the robust form for folders of arbitrary files (used by
 ``helpers.engines``): every file gets its pixels or its own error, odd files go through PIL.
-:func:`training_pipeline` is notebook 04's training and validation pipeline for a small CNN
-(shuffling, random crops and flips; every file exactly once per epoch).
+:func:`training_pipeline` is a training and validation pipeline for a small CNN (the tests' form of
+notebook 04's: shuffling, random crops and flips; every file exactly once per epoch).
 
 Matching the PIL reference (:func:`helpers.models.preprocess_with_spec`): the geometry is the
 spec's (:meth:`~helpers.models.PreprocessSpec.geometry`): :func:`iter_preprocessed` computes every
 resize size and crop offset on the host from the file's header and passes them per sample;
-:func:`build_pipeline` computes them in the graph from the decoded shape with integer arithmetic,
+:func:`build_pipeline` computes them in the graph from the file's header with integer arithmetic,
 the same except on 28 sizes of LINE's letterbox (see :func:`_graph_geometry`). DALI's CPU JPEG
-decoder gives the same pixels as PIL (libjpeg-turbo both); only the resize filters differ:
-measured on the sample photos, a mean absolute difference of 0.10-0.15 grey levels (of 255),
+decoder and PIL both use libjpeg-turbo (whether they give the same pixels was not measured alone);
+decoding and resizing together, measured on the sample photos: a mean absolute difference of
+0.10-0.15 grey levels (of 255),
 fewer than 0.5 % of values off by more than 2 levels, at most 6-16 levels at sharp edges (more
 for stronger shrinking). The GPU decoder (nvJPEG) may differ from libjpeg-turbo by a few levels
 more (not measured here).
@@ -69,6 +70,7 @@ __all__ = [
     "default_device",
     "host_geometry",
     "iter_preprocessed",
+    "preprocess_files",
     "preprocess_images",
     "route",
     "route_reason",
@@ -124,6 +126,11 @@ def _require(device: str) -> None:
         )
 
 
+def _device_id(device: str) -> int | None:
+    """The ``device_id`` of a pipeline: the current CUDA device for ``"gpu"``, None (no GPU) for ``"cpu"``."""
+    return torch.cuda.current_device() if device == "gpu" else None
+
+
 # ---------------------------------------------------------------- the graph
 
 
@@ -133,10 +140,14 @@ def _interp(spec: PreprocessSpec) -> Any:
     return types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
 
 
-def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, Any, Any]:
-    """(width, height, crop_pos_x, crop_pos_y) computed in the graph from the decoded shape.
+def _graph_geometry(encoded: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, Any, Any]:
+    """(width, height, crop_pos_x, crop_pos_y) computed in the graph from the encoded file's header.
 
-    ノートブック 03 の第 3 節 (ソースを表示して教える).
+    ``fn.experimental.peek_image_shape`` reads the size (EXIF orientation applied, like the
+    decoder) from the encoded bytes on the CPU, so the geometry never waits for the ``mixed``
+    decoder's GPU output: ``images.shape()`` of that output is a GPU → CPU transition, which only
+    the asynchronous pipelined executor allows (``exec_async=False, exec_pipelined=False`` failed
+    at definition time; tests/test_dali_definition.py).
 
     Integer arithmetic: the shorter-side sizes and both crop roundings equal
     :meth:`PreprocessSpec.geometry`; LINE's letterbox is rounded half to even on the exact ratio,
@@ -151,7 +162,7 @@ def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, A
     def as_int(flag: Any) -> Any:
         return fn.cast(flag, dtype=types.INT32)
 
-    shape = images.shape()  # [H, W, C] per sample, on the CPU even for GPU images
+    shape = fn.experimental.peek_image_shape(encoded)  # [H, W, C] per sample, from the header (CPU)
     height, width, target, size = shape[0], shape[1], spec.target, spec.size
     if spec.resize == "squash":
         return size, size, 0.0, 0.0
@@ -185,15 +196,16 @@ def _graph_geometry(images: DataNode, spec: PreprocessSpec) -> tuple[Any, Any, A
     return as_float(new_w), as_float(new_h), position(new_w), position(new_h)
 
 
-def preprocess_images(images: DataNode, spec: PreprocessSpec, geometry: DataNode | None = None) -> DataNode:
+def preprocess_images(
+    images: DataNode, spec: PreprocessSpec, geometry: DataNode | None = None, encoded: DataNode | None = None
+) -> DataNode:
     """Decoded HWC uint8 RGB ``images`` (CPU or GPU) → float32 CHW ``spec.size`` squares, like PIL.
-
-    ノートブック 03 の第 3 節 (ソースを表示して教える).
 
     Call inside a pipeline definition. ``geometry``: per sample float32 ``[width, height,
     crop_pos_x, crop_pos_y]`` computed on the host with :meth:`PreprocessSpec.geometry`
-    (:func:`host_geometry`); without it the graph computes it from the decoded shape
-    (:func:`_graph_geometry`). The letterbox is filled with ``spec.pad_value`` (given to DALI in
+    (:func:`host_geometry`); without it the graph computes it from the header of ``encoded``, the
+    files the images were decoded from (:func:`_graph_geometry`). The letterbox is filled with
+    ``spec.pad_value`` (given to DALI in
     normalised units). Mean and std are on the 0-1 scale in ``spec``; DALI works on 0-255, hence
     the ``* 255``.
     """
@@ -204,7 +216,9 @@ def preprocess_images(images: DataNode, spec: PreprocessSpec, geometry: DataNode
         new_w, new_h, pos_x, pos_y = geometry[0], geometry[1], geometry[2], geometry[3]
         rounding = "round"  # the host's positions land on whole pixels: round away float error
     else:
-        new_w, new_h, pos_x, pos_y = _graph_geometry(images, spec)
+        if encoded is None:
+            raise ValueError("preprocess_images needs the host's geometry or the encoded files")
+        new_w, new_h, pos_x, pos_y = _graph_geometry(encoded, spec)
         exact_positions = spec.crop_rounding == "half_even" and spec.resize == "shorter"
         rounding = "round" if exact_positions else "truncate"  # 0.5 truncated: floor offsets, like // 2
     resized = fn.resize(
@@ -254,17 +268,18 @@ def decode_and_preprocess(
 ) -> DataNode:
     """Encoded files → decoded RGB (``mixed`` on the GPU, else CPU) → :func:`preprocess_images`.
 
-    ノートブック 03 の第 2.2 節と第 4.1 節 (デコーダーの 2 つのつまみ; 第 4.1 節でソースを表示).
+    ノートブック 03 の発展 3 (デコーダーの 2 つのつまみ).
 
     EXIF orientation: recent DALI releases apply it in the decoder (``adjust_orientation``), older
     ones do not, so :func:`iter_preprocessed` sends EXIF-rotated files to PIL (see :func:`route`)
     and the pipeline only ever sees upright files. ``fancy_upsampling`` makes nvJPEG upsample
     chroma the way libjpeg-turbo (and so PIL) does. The ``mixed`` decoder's two knobs:
-    ``hw_decoder_load``, the share of JPEGs for the hardware decoder of A100/H100/H200 (a T4 has
-    none; DALI's default 0.65); ``hybrid_huffman_threshold``, the picture size in pixels from which
-    nvJPEG decodes Huffman on the GPU: below it the **host** decodes Huffman and copies
-    coefficients (None: DALI's default, 1,000,000 px in DALI 2.x, so a 1260×750 photo is decoded
-    partly on the CPU). Both are DALI's defaults here: this course has measured neither on a GPU;
+    ``hw_decoder_load``, the share of JPEGs for the hardware JPEG decoder of GPUs that have one
+    (A100, A30, H100; a T4 has none; DALI's default 0.65); ``hybrid_huffman_threshold``, the picture
+    size in pixels above which nvJPEG uses its hybrid Huffman decoder (which, DALI says, still
+    largely uses the CPU); below it the host-side Huffman decoder (None: DALI's default, 1,000,000 px
+    in DALI 2.x, so a 1260×750 photo's Huffman decoding is on the CPU). Both are DALI's defaults here:
+    this course has measured neither on a GPU;
     ``python -m helpers.bench --dali-hybrid-threshold ... --dali-hw-decoder-load ...`` sweeps them.
     ``geometry``: see :func:`preprocess_images`.
     """
@@ -280,7 +295,7 @@ def decode_and_preprocess(
         )
     else:
         images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-    return preprocess_images(images, spec, geometry)
+    return preprocess_images(images, spec, geometry, encoded)
 
 
 def _reader_source(source: str | Path | Sequence[str | Path], labels: Sequence[int] | None) -> dict[str, Any]:
@@ -316,7 +331,7 @@ def build_pipeline(
 ) -> Pipeline:
     """A DALI pipeline: ``fn.readers.file`` → decode → resize/crop/pad → normalise, outputs ``OUTPUT_MAP``.
 
-    ノートブック 03 の第 3 節 (ソースを表示して教える; 第 4〜6 節で使う).
+    ノートブック 03 の発展 1・2 (モデルの前処理、非同期実行) と、講座のエンジンの前処理.
 
     ``source``: a list of files (labels: ``labels``, default their positions 0, 1, ...), or a
     folder (DALI's ``file_root`` mode: one sub-folder per class, labelled in sorted order; files
@@ -339,7 +354,7 @@ def build_pipeline(
         "random_shuffle": False,
         **_reader_source(source, labels),
     }
-    device_id = torch.cuda.current_device() if device == "gpu" else None
+    device_id = _device_id(device)
 
     @pipeline_def(
         batch_size=batch_size,
@@ -364,6 +379,28 @@ def build_pipeline(
     return clip_pipeline()
 
 
+def preprocess_files(
+    files: Sequence[str | Path], spec: PreprocessSpec, device: Device = "cpu", batch_size: int = 8
+) -> torch.Tensor:
+    """:func:`build_pipeline` over ``files``: one epoch, float32 ``[N, 3, size, size]`` on the CPU, in order.
+
+    Notebook 03 compares it with the PIL reference (発展 1). A copy of every batch: DALI reuses its buffers.
+    """
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    pipe = build_pipeline(files, spec, batch_size, device)
+    policy = LastBatchPolicy.PARTIAL
+    loader = DALIGenericIterator(pipe, OUTPUT_MAP, reader_name=READER_NAME, last_batch_policy=policy)
+    rows: dict[int, torch.Tensor] = {}
+    for batch in loader:
+        pixels = batch[0]["pixels"].to("cpu", copy=True)
+        rows.update(zip(batch[0]["labels"].view(-1).tolist(), pixels, strict=True))
+    if sorted(rows) != list(range(len(files))):
+        raise RuntimeError(f"DALI gave positions {sorted(rows)} for {len(files)} files")
+    return torch.stack([rows[i] for i in range(len(files))])
+
+
 TRAIN_OUTPUTS = ["images", "labels"]
 """The outputs of :func:`training_pipeline`, in order (for ``DALIGenericIterator``)."""
 
@@ -385,7 +422,7 @@ def training_pipeline(
 ) -> Pipeline:
     """A training (``augment=True``) or validation pipeline for a small CNN, outputs :data:`TRAIN_OUTPUTS`.
 
-    ノートブック 04 の第 2 節 (ソースを表示して教える; 第 4〜6 節で使う).
+    テスト (tests/test_dali_epoch.py, tests/gpu) が使う学習用パイプライン (04 は同じ形をセルに書く).
 
     Training: shuffled order, a random crop of ``area`` of the picture at an aspect ratio in
     ``ratio``, resized to ``size``², flipped left-right half of the time. Validation: the file
@@ -413,7 +450,7 @@ def training_pipeline(
     reader_args = _reader_source(source, labels)
     normalize = {"dtype": types.FLOAT, "output_layout": "CHW", "device": device}
     normalize |= {"mean": [m * 255 for m in mean], "std": [s * 255 for s in std]}  # DALI は 0〜255 の尺度
-    device_id = torch.cuda.current_device() if device == "gpu" else None
+    device_id = _device_id(device)
 
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, **pipeline_options
@@ -448,7 +485,7 @@ def training_pipeline(
 class FileSource:
     """A per-sample ``fn.external_source`` callback: sample ``i`` → (file bytes, ``[i]`` as int32).
 
-    ノートブック 03 の第 2.5 節.
+    ノートブック 03 の発展 4.
 
     Picklable (a module-level class holding only paths), so it works with ``parallel=True`` and
     ``py_start_method="spawn"``. A per-sample source only ever makes **full** batches: the epoch
@@ -646,7 +683,7 @@ def _host_pipeline(
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=torch.cuda.current_device() if device == "gpu" else None,
+        device_id=_device_id(device),
         prefetch_queue_depth=2,
         seed=0,
     )
@@ -731,7 +768,7 @@ def iter_preprocessed(
 ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
     """Preprocess ``paths`` with DALI in batches: yields ``(indices, pixels, errors)``.
 
-    ノートブック 03 の第 7 節 (壊れたファイル).
+    講座のエンジン (helpers.engines) の DALI の経路.
 
     Yield ``k`` covers the positions ``k * batch_size`` ... ``(k + 1) * batch_size - 1`` of
     ``paths``: ``indices`` lists (ascending) those whose pixels are in ``pixels`` (float32

@@ -11,6 +11,7 @@ import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HUB_HOST = "huggingface.co"
 
@@ -81,9 +82,64 @@ def dali_problem() -> str | None:
     return None
 
 
+def _dali_probe_pipeline(device_id: int | None) -> Any:
+    """A pipeline that decodes one 16×16 JPEG with the ``mixed`` decoder (:func:`dali_gpu_problem`'s try)."""
+    import io
+
+    import numpy as np
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, format="JPEG")
+    encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    def probe():
+        jpeg = fn.external_source(source=lambda: [encoded], dtype=types.UINT8)
+        return fn.decoders.image(jpeg, device="mixed", output_type=types.RGB)
+
+    return probe()
+
+
+@functools.lru_cache(maxsize=1)
+def dali_gpu_problem() -> str | None:
+    """Why DALI's GPU (``mixed``) pipelines cannot run here, in one line; None when they can.
+
+    Tries it: one 16×16 JPEG through the ``mixed`` decoder on the current CUDA device, so a driver,
+    CUDA or wheel mismatch shows up here (and the course falls back to the CPU, saying why) instead of
+    as a raw DALI error in the middle of a notebook. Cached per process (cleared by ``cache_clear``).
+    """
+    if dali_version() is None:
+        return dali_problem()
+    if not cuda_available():
+        return "GPU がありません (DALI は CPU のパイプラインだけ動きます)"
+    import torch
+
+    pipe = None
+    try:
+        pipe = _dali_probe_pipeline(torch.cuda.current_device())
+        pipe.build()
+        (images,) = pipe.run()
+        shape = tuple(images.as_cpu().as_array().shape)
+    except Exception as err:  # a driver, CUDA or nvJPEG failure: report it, never crash the caller
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return (
+            f"DALI の mixed デコーダーで JPEG 1 枚をデコードできません ({type(err).__name__}: {detail[:160]})"
+        )
+    finally:
+        del pipe
+    if shape != (1, 16, 16, 3):
+        return f"DALI の mixed デコーダーが 16×16 の JPEG 1 枚から {shape} を返しました"
+    return None
+
+
 def dali_gpu_ok() -> bool:
-    """True when DALI imports and a GPU (``mixed``) pipeline can run here."""
-    return dali_version() is not None and cuda_available()
+    """True when DALI's GPU (``mixed``) pipelines run here: a one-image ``mixed`` decode worked
+    (:func:`dali_gpu_problem` says why not)."""
+    return dali_gpu_problem() is None
 
 
 def hub_offline_flag() -> bool:

@@ -88,6 +88,18 @@ def test_matches_the_pil_reference(name: str, photos: list[Path]) -> None:
     assert float((levels > 2).float().mean()) < FAR_TOL, name
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_a_one_pixel_shift_fails_the_tolerance(name: str, photos: list[Path]) -> None:
+    """The tolerance catches geometry bugs: DALI's output moved by one pixel (either axis) is off by more
+    than twice MEAN_TOL on average (tests/gpu holds the mixed decoder to the same MEAN_TOL)."""
+    spec = SPECS[name]
+    pixels, _ = _run_all(dali.build_pipeline(photos, spec, batch_size=len(photos), device="cpu"))
+    reference = preprocess_with_spec([data.open_image(p) for p in photos], spec)
+    for dim in (-1, -2):
+        levels = _levels(pixels.roll(1, dims=dim) - reference, spec)
+        assert float(levels.mean()) > 2 * MEAN_TOL, (name, dim, float(levels.mean()))
+
+
 def test_letterbox_padding_is_exact(photos: list[Path]) -> None:
     spec = SPECS["longer-grey-pad"]
     wide = [p for p in photos if Image.open(p).width > Image.open(p).height]

@@ -93,3 +93,30 @@ def test_training_pipeline_rejects_an_unknown_decoder(tmp_path: Path) -> None:
 def test_mixed_training_pipeline_without_a_gpu_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(dali.DaliUnavailableError, match="GPU"):
         dali.training_pipeline(tmp_path, BATCH, "mixed")
+
+
+def test_notebook_04_training_pipeline_reads_every_file_once_per_epoch(tmp_path: Path) -> None:
+    """The pipeline notebook 04 teaches (its own cell), shuffled, on the CPU: every epoch every file once."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from test_dali_definition import notebook_definitions
+
+    from helpers.models import CLIP_MEAN, CLIP_STD
+
+    _tiny_jpegs(tmp_path, N_FILES, classes=N_FILES)  # one folder per file: the label names the file
+    names = {
+        "fn": fn,
+        "types": types,
+        "pipeline_def": pipeline_def,
+        "CLIP_MEAN": CLIP_MEAN,
+        "CLIP_STD": CLIP_STD,
+    }
+    scope = notebook_definitions("04_dali_training.ipynb", {"training_pipeline"}, SIZE=8, **names)
+    pipe = scope["training_pipeline"](
+        str(tmp_path), "cpu", batch_size=BATCH, num_threads=1, device_id=None, seed=0
+    )
+    epochs = _epochs(pipe)
+    for number, labels in enumerate(epochs, start=1):
+        assert sorted(labels) == list(range(N_FILES)), f"epoch {number}: not every file exactly once"
+    assert len({tuple(labels) for labels in epochs}) == EPOCHS, "every epoch should have its own order"

@@ -39,8 +39,69 @@ def test_no_gpu_means_no_name_and_no_dali_gpu(monkeypatch: pytest.MonkeyPatch) -
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env.dali_gpu_problem.cache_clear()
     assert env.gpu_name() is None
     assert env.dali_gpu_ok() is False
+    env.dali_gpu_problem.cache_clear()
+
+
+def test_dali_gpu_ok_tries_a_one_image_mixed_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a GPU reported but no driver (this machine), the trial decode fails: no, and why."""
+    import torch
+
+    if env.dali_version() is None:
+        pytest.fail("NVIDIA DALI does not import (re-create .venv: make venv)", pytrace=False)
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU answers for itself here (tests/gpu checks it)")
+    monkeypatch.setattr(env, "cuda_available", lambda: True)  # an import-only check would say yes
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    env.dali_gpu_problem.cache_clear()
+    try:
+        problem = env.dali_gpu_problem()
+        assert env.dali_gpu_ok() is False
+    finally:
+        env.dali_gpu_problem.cache_clear()
+    assert problem is not None and "mixed デコーダーで JPEG 1 枚をデコードできません" in problem
+    assert "RuntimeError" in problem  # DALI's own first line follows (here: no CUDA driver)
+
+
+def test_dali_gpu_ok_says_yes_when_the_trial_decode_gives_the_picture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+    import torch
+
+    class Images:
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            self.shape = shape
+
+        def as_cpu(self) -> Images:
+            return self
+
+        def as_array(self) -> np.ndarray:
+            return np.zeros(self.shape, dtype=np.uint8)
+
+    class Pipe:
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            self.out = Images(shape)
+
+        def build(self) -> None:
+            pass
+
+        def run(self) -> tuple[Images]:
+            return (self.out,)
+
+    monkeypatch.setattr(env, "dali_version", lambda: "2.1.1")
+    monkeypatch.setattr(env, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    try:
+        for shape, ok in (((1, 16, 16, 3), True), ((1, 8, 8, 3), False)):
+            monkeypatch.setattr(env, "_dali_probe_pipeline", lambda device_id, s=shape: Pipe(s))
+            env.dali_gpu_problem.cache_clear()
+            assert env.dali_gpu_ok() is ok
+        assert "(1, 8, 8, 3)" in env.dali_gpu_problem()
+    finally:
+        env.dali_gpu_problem.cache_clear()
 
 
 def test_dali_version_is_a_string_or_none() -> None:

@@ -287,7 +287,7 @@ def test_junit_and_bench_files_become_report_numbers(tmp_path: Path) -> None:
         "decoders": "",
     }
     bench = {
-        "machine": {"label": "H200, 2 cores, estimate for T4"},
+        "machine": {"label": "H200 pinned to two cores with the hardware decoder off"},
         "settings": {},
         "results": [row],
         "ceilings": [{"name": "上限", "images_per_s": 400.0, "seconds": 2.5, "runs": [2.5]}],
@@ -295,25 +295,30 @@ def test_junit_and_bench_files_become_report_numbers(tmp_path: Path) -> None:
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     numbers = gc.read_bench(tmp_path)
     assert (
-        numbers["machine"] == "H200, 2 cores, estimate for T4"
+        numbers["machine"] == "H200 pinned to two cores with the hardware decoder off"
         and numbers["results"][0]["items_per_s"] == 3000
     )
-    lines = gc._render_bench({"runs": [{"label": "estimate for T4", **numbers}]})
-    assert "### estimate for T4" in lines and any(ln.startswith("| DALI (GPU) | 3000.0 |") for ln in lines)
+    lines = gc._render_bench({"runs": [{"label": "the H200 pinned to two cores", **numbers}]})
+    assert "### the H200 pinned to two cores" in lines and any(
+        ln.startswith("| DALI (GPU) | 3000.0 |") for ln in lines
+    )
 
 
 def test_the_bench_runs_use_flags_that_bench_has(environ: dict[str, str], tmp_path: Path) -> None:
     from helpers import bench
 
     s = gc.Settings.from_env(environ)
-    whole, t4 = gc.bench_runs(s, "NVIDIA H200", tmp_path)
-    for run in (whole, t4):
+    whole, pinned = gc.bench_runs(s, "NVIDIA H200", tmp_path)
+    for run in (whole, pinned):
         assert run["argv"][:3] == [s.python, "-m", "helpers.bench"]
         bench.build_parser().parse_args(run["argv"][3:])  # exits on a flag bench does not know
     assert (
-        t4["pinned"] and "H200, 2 cores, estimate for T4" in t4["argv"] and "estimate for T4" in t4["label"]
+        pinned["pinned"]
+        and "H200 pinned to two cores with the hardware decoder off" in pinned["argv"]
+        and "the H200 pinned to two cores with the hardware decoder off" in pinned["label"]
     )
-    assert t4["argv"][t4["argv"].index("--dali-hw-decoder-load") + 1] == "0"
+    assert not any("T4" in part for run in (whole, pinned) for part in [run["label"], *run["argv"]])
+    assert pinned["argv"][pinned["argv"].index("--dali-hw-decoder-load") + 1] == "0"
     assert whole["argv"][whole["argv"].index("--n") + 1] == "1000"
 
 
