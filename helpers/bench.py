@@ -7,7 +7,7 @@ median of ``--repeats`` end-to-end passes (decode, preprocess, copy, model, soft
 short warm-up. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``::
 
     python -m helpers.bench                         # the model load_clip() picks, workload_size() images
-    python -m helpers.bench --arch vit-b16-random --n 1000 --note "H100, 2 cores, estimate for T4"
+    python -m helpers.bench --arch vit-b16-random --n 1000 --note "H200, 2 cores, no HW JPEG decoder"
     python -m helpers.bench --model embedded --n 64 --out build/bench
 
 Variants (keys; notebook 02 writes each of them in a ``#@save helpers.bench`` cell and runs it there):
@@ -815,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader のワーカー数")
     parser.add_argument("--repeats", type=int, default=None, help="繰り返し回数 (既定: GPU 3、quick 1)")
     parser.add_argument("--variants", help="測る方式のキーをカンマ区切りで (例: a,b,e)。a は必ず含む")
-    parser.add_argument("--note", help="マシンの呼び名 (例: 'H100, 2 cores, estimate for T4')")
+    parser.add_argument("--note", help="マシンの呼び名 (例: 'H200, 2 cores, no HW JPEG decoder')")
     add_loading_options(parser)
     parser.add_argument(
         "--exact-decode",
@@ -830,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dali-hw-decoder-load",
         help="DALI の hw_decoder_load (0〜1、カンマ区切りで複数)。"
-        "T4 にはハードウェアデコーダーがない: 0 で T4 の見積もり",
+        "0: ハードウェアデコーダーを使わない (T4 にはない。ただしほかの GPU の値は T4 の値ではない)",
     )
     parser.add_argument("--no-ceiling", action="store_true", help="デコードだけの上限を測らない")
     parser.add_argument(

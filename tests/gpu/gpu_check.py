@@ -76,7 +76,7 @@ DALI_HYBRID_THRESHOLDS = "0,1000000"
 DALI_HW_DECODER_LOADS = "0,0.65"
 TWO_CORES = "0,1"
 """The cores the two-core bench run is pinned to (``taskset -c``; a Colab T4 runtime has 2 vCPUs)."""
-EXTRA_MODULES: dict[str, str] = {"dali": "nvidia.dali", "ray": "ray"}
+EXTRA_MODULES: dict[str, str] = {"dali": "nvidia.dali", "ray": "ray", "onnx": "onnxruntime"}
 """A notebook's ``metadata.course.extras`` → the module it needs (as ``helpers.tooling.notebooks.EXTRAS``)."""
 SKIPPED_EXTRAS: tuple[str, ...] = ("ray",)
 """Extras whose absence skips a notebook (Ray is too large to bring to the GPU machine)."""
