@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 RAY_DAEMONS = ("raylet", "gcs_server")
 
 
-def ray_daemons() -> set[int]:
-    """Process ids of Ray's node daemons running on this machine (from /proc)."""
+MARK = "COURSE_RAY_TEST_MARK"
+"""An environment variable a test sets before Ray starts: Ray's daemons inherit it, so the test finds
+its own daemons and not those another Ray on the same machine (another session, another job) started."""
+
+
+def ray_daemons(mark: str | None = None) -> set[int]:
+    """Process ids of Ray's node daemons running on this machine (from /proc); with ``mark``, only
+    those whose environment holds ``COURSE_RAY_TEST_MARK=mark``."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() in RAY_DAEMONS:
+                if (entry / "comm").read_text().strip() not in RAY_DAEMONS:
+                    continue
+                if mark is None or f"{MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0"):
                     found.add(int(entry.name))
             except OSError:  # the process ended while we looked
                 continue
@@ -97,10 +106,10 @@ def test_command_on_ray_gives_the_same_answers_and_leaves_nothing(
 ) -> None:
     """``python -m helpers.classify --engine ray`` in a fresh process: embedded Ray started and
     stopped by the command, same CSV and embeddings as the local engine, quiet stderr."""
-    before = ray_daemons()
+    mark = uuid.uuid4().hex
     out = tmp_path / "ray.csv"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"], env[MARK] = str(REPO_ROOT), mark
     result = subprocess.run(
         [sys.executable, "-m", "helpers.classify", str(folder), "--labels", LABELS, "--model", "embedded",
          "--out", str(out), "--batch-size", "4", "--engine", "ray", "--backend", "dataloader",
@@ -122,7 +131,7 @@ def test_command_on_ray_gives_the_same_answers_and_leaves_nothing(
     assert ray_emb.status == local_emb.status and ray_emb.info == local_emb.info
     assert torch.allclose(ray_emb.vectors, local_emb.vectors, atol=2e-3)
     assert not (tmp_path / "ray.csv.parts").exists()  # the shards were merged, then removed
-    assert wait_gone(ray_daemons() - before) == set(), "Ray processes left behind"
+    assert wait_gone(ray_daemons(mark)) == set(), "Ray processes left behind"
 
 
 def test_ray_address_alone_never_switches_engine(
@@ -152,13 +161,17 @@ def test_a_cluster_that_does_not_answer_is_reported_at_once(folder: Path, tmp_pa
 @pytest.fixture(scope="module")
 def ray_session():
     """Embedded Ray with 2 CPUs for this module; afterwards no raylet/gcs_server of it may remain."""
-    before = ray_daemons()
-    current = engines_ray.start(num_cpus=2)
+    mark = uuid.uuid4().hex
+    os.environ[MARK] = mark  # inherited by the daemons Ray starts now
+    try:
+        current = engines_ray.start(num_cpus=2)
+    finally:
+        del os.environ[MARK]
     assert current.started and current.cpus == 2
+    assert ray_daemons(mark), "the marked Ray daemons are not found"  # the mark reaches them
     yield current
-    started = ray_daemons() - before
     current.close()
-    assert wait_gone(started) == set(), "Ray processes left behind"
+    assert wait_gone(ray_daemons(mark)) == set(), "Ray processes left behind"
 
 
 def _refuse_results_on_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:

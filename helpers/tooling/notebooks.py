@@ -71,7 +71,8 @@ EXTRAS: dict[str, tuple[Package, ...]] = {
     "dali": (Package("nvidia.dali", "nvidia-dali-cuda120"),),
     "ray": (Package("ray", "ray"),),
     "onnx": (
-        Package("onnxruntime", "onnxruntime", gpu="onnxruntime-gpu==1.31.1"),
+        # the last onnxruntime-gpu built for CUDA 12, like Colab's torch (requirements.txt: how it was checked)
+        Package("onnxruntime", "onnxruntime", gpu="onnxruntime-gpu==1.26.0"),
         Package("onnx", "onnx"),
         Package("onnxscript", "onnxscript"),
     ),
