@@ -71,7 +71,7 @@ EXTRAS: dict[str, tuple[Package, ...]] = {
     "dali": (Package("nvidia.dali", "nvidia-dali-cuda120"),),
     "ray": (Package("ray", "ray"),),
     "onnx": (
-        # the last onnxruntime-gpu built for CUDA 12, like Colab's torch (requirements.txt: how it was checked)
+        # the last onnxruntime-gpu built for CUDA 12, as Colab's torch is (requirements.txt: how we know)
         Package("onnxruntime", "onnxruntime", gpu="onnxruntime-gpu==1.26.0"),
         Package("onnx", "onnx"),
         Package("onnxscript", "onnxscript"),
