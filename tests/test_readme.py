@@ -96,3 +96,26 @@ def test_ci_runs_the_readme_test_command() -> None:
     for command in readme_commands:
         if command.startswith("make "):
             assert re.search(rf"^{command.split()[1]}:", makefile, re.MULTILINE), command
+
+
+def test_helpers_call_no_source_unknown_and_render_no_lesson_code() -> None:
+    """COURSE.md: sources are cited, never disclaimed, and lesson code lives in cells; what helpers prints
+    into a notebook too (helpers/tooling aside: it checks for these words). The notebooks in the pattern
+    are held to the same by tests/test_workshop.py."""
+    banned = ("getsource", "記録がありません", "日付不明")
+    files = [p for p in sorted((REPO_ROOT / "helpers").rglob("*.py")) if "tooling" not in p.parts]
+    found = [
+        f"{p.relative_to(REPO_ROOT)}: {word}"
+        for p in files
+        for word in banned
+        if word in p.read_text("utf-8")
+    ]
+    assert found == []
+
+
+def test_the_notebooks_cite_the_articles_they_build_on() -> None:
+    """01 names the rinna article by its title; 02 links the batch-inference article; 03 the DALI article."""
+    text = {p.name[:2]: p.read_text("utf-8") for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert "画像分類の革命児、CLIPによる画像分類サンプル解説" in text["01"]
+    assert "https://zenn.dev/yagiyuki/articles/clip_acceleration_techniques" in text["02"]
+    assert "https://www.yurui-deep-learning.com/2020/08/10/" in text["03"]

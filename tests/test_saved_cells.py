@@ -99,3 +99,17 @@ def test_the_check_command_fails_when_a_saved_cell_is_edited(
 
 def test_every_saved_cell_of_the_course_equals_its_module() -> None:
     assert [p for path in nbtool.notebooks() for p in saved_problems(path)] == []
+
+
+def test_editing_a_saved_cell_of_notebook_02_fails_the_check() -> None:
+    """02's lesson code is the code ``helpers.bench`` measures: a changed line in its cell is caught."""
+    notebook = next(p for p in nbtool.notebooks() if p.name.startswith("02_"))
+    cells = [c for c in saved_cells(notebook) if c.module == "helpers.bench"]
+    assert len(cells) >= 4  # a-c, d, e and g are saved cells
+    for cell in cells:
+        assert cell_problems(cell) == []
+        edited = SavedCell(
+            cell.notebook, cell.index, cell.module, cell.source.replace("s.batch_size", "1", 1)
+        )
+        if edited.source != cell.source:
+            assert any(" differs from helpers.bench." in p for p in cell_problems(edited)), cell.where
