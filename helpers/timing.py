@@ -148,3 +148,30 @@ def pinned_threads(threads: int | None = 1) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def op_counts(fn: Callable[[], object], calls: int = 100) -> dict[str, float]:
+    """How many times each ATen operator runs per call of ``fn`` (``torch.profiler``, CPU events,
+    ``calls`` calls averaged), e.g. ``{"aten::nonzero": 1.0, "aten::empty": 1.0, ...}``.
+
+    The profiler's own start/stop lines, which its C++ side writes to file descriptor 2, are
+    discarded for the duration (they would be a cell's stderr); Python exceptions still propagate.
+    Notebook 06 section 2.
+    """
+    import os
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return {event.key: event.count / calls for event in prof.key_averages()}

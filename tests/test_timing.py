@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from helpers.timing import ResultsTable, Timing, measure
+from helpers.timing import ResultsTable, Timing, measure, op_counts
 
 
 def test_measure_counts_calls_and_keeps_median() -> None:
@@ -55,3 +56,12 @@ def test_markdown_shows_the_range_of_the_runs() -> None:
 def test_spread() -> None:
     assert Timing("x", 1.0, 1, runs=(0.9, 1.0, 1.2)).spread == pytest.approx(0.3)
     assert Timing("x", 1.0, 1).spread == 0.0
+
+
+def test_op_counts_sees_the_nonzero_of_a_boolean_index() -> None:
+    x = torch.arange(12.0).view(3, 4)
+    mask = x > 5
+    index = mask.nonzero(as_tuple=True)
+    boolean, integer = op_counts(lambda: x[mask], calls=5), op_counts(lambda: x[index], calls=5)
+    assert boolean["aten::nonzero"] == 1.0
+    assert "aten::nonzero" not in integer
