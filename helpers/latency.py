@@ -8,7 +8,7 @@ one call be?": the first call, p90/p99 and the worst call, which a median hides.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +89,24 @@ def time_calls(fn: Callable[[], object], n: int, name: str = "", max_seconds: fl
         if max_seconds is not None and sum(samples) >= max_seconds:
             break
     return Latency(name, tuple(samples))
+
+
+def time_calls_interleaved(fns: Mapping[str, Callable[[], object]], n: int) -> dict[str, Latency]:
+    """Call every function of ``fns`` once per round, in order, for ``n`` rounds; time each call.
+
+    Interleaving puts the variants under the same load at the same moments (a shared machine's
+    slow spells hit all of them), so their distributions can be compared. Round 1 holds each one's
+    first call; whatever a process initialises lazily falls on the first function's first call.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            samples[name].append(clock() - start)
+    return {name: Latency(name, tuple(values)) for name, values in samples.items()}
 
 
 def to_markdown(latencies: Sequence[Latency]) -> str:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from helpers.latency import Latency, time_calls, to_markdown
+from helpers.latency import Latency, time_calls, time_calls_interleaved, to_markdown
 from helpers.plots import latency_histogram as histogram
 
 
@@ -22,6 +22,18 @@ def test_time_calls_times_every_call_without_warmup() -> None:
     assert lat.name == "noop" and all(s >= 0 for s in lat.samples)
     with pytest.raises(ValueError):
         time_calls(lambda: None, n=0)
+
+
+def test_time_calls_interleaved_alternates_and_times_each_call() -> None:
+    order: list[str] = []
+    lats = time_calls_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, n=3)
+    assert order == ["a", "b"] * 3
+    assert list(lats) == ["a", "b"]
+    assert all(len(lat.samples) == 3 and lat.name == name for name, lat in lats.items())
+    slow = time_calls_interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.01)}, n=2)
+    assert min(slow["slow"].samples) >= 0.009 > max(slow["fast"].samples)
+    with pytest.raises(ValueError):
+        time_calls_interleaved({"a": lambda: None}, n=0)
 
 
 def test_time_calls_stops_at_the_time_budget() -> None:
