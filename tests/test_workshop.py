@@ -23,40 +23,24 @@ from helpers.tooling.workshop import (
     headings,
     pattern_problems,
     reading_minutes,
-    rounded_up,
-    stated_minutes,
     time_line,
     timetable,
     total_stated_minutes,
     undefined_names,
 )
 
-NOT_YET_IN_PATTERN: set[str] = {"07"}
-"""The notebooks not yet rewritten in the course pattern (COURSE.md); every other one, new ones included,
-is held to it. A notebook's issue removes its number here when it lands."""
-IN_PATTERN = [p for p in notebooks() if p.name[:2] not in NOT_YET_IN_PATTERN]
+IN_PATTERN = notebooks()
+"""Every notebook follows the course pattern (COURSE.md); a new one does from the start."""
 
 
 def _code(*sources: str) -> list[nbformat.NotebookNode]:
     return [nbformat.v4.new_code_cell(s) for s in sources]
 
 
-def test_the_list_of_notebooks_not_yet_in_the_pattern_names_notebooks_that_exist() -> None:
-    assert {p.name[:2] for p in notebooks()} >= NOT_YET_IN_PATTERN
-
-
 def test_every_notebook_in_the_pattern_follows_it() -> None:
     """Order, time line (core N <= 40 covers reading and waiting; M adds 発展), short cells, no getsource."""
     problems = [problem for path in IN_PATTERN for problem in pattern_problems(path)]
     assert problems == [], "\n".join(problems)
-
-
-@pytest.mark.parametrize("path", [p for p in notebooks() if p not in IN_PATTERN], ids=lambda p: p.name[:2])
-def test_every_stated_time_covers_the_reading_of_its_notebook(path) -> None:
-    """The notebooks not yet in the pattern: 所要時間 covers the reading up to the exercises."""
-    estimate = reading_minutes(Excerpt(path.name[:2]).cells())
-    stated = stated_minutes(path)
-    assert estimate <= stated <= rounded_up(estimate) + 10, (path.name, round(estimate, 1), stated)
 
 
 def _md(text: str) -> nbformat.NotebookNode:
