@@ -87,27 +87,12 @@ def old_sorted_merge(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def old_csv_tables(out: Path, header: list[str], chunk_rows: int = 8192) -> Iterator[pa.Table]:
-    """classify._csv_tables before the merge moved to helpers.parts."""
-    schema = pa.schema([pa.field(c, pa.string()) for c in header])
-    with open(out, encoding="utf-8", newline="") as handle:
-        chunk: list[dict[str, str]] = []
-        for row in csv.DictReader(handle):
-            if row.get("status") in {"ok", "error"}:
-                chunk.append({c: row.get(c) or "" for c in header})
-            if len(chunk) >= chunk_rows:
-                yield pa.Table.from_pylist(chunk, schema=schema)
-                chunk = []
-        if chunk:
-            yield pa.Table.from_pylist(chunk, schema=schema)
-
-
 def old_merge_csv(
     out: Path, header: list[str], shards: Path, listing: list[str], old_csv: bool
 ) -> tuple[dict[str, int], Counter[str]]:
     """classify._merge_csv before: (counts by status, counts of the decoder values)."""
     schema = pa.schema([pa.field(c, pa.string()) for c in [*header, "decoder"]])
-    sources = [old_csv_tables(out, header)] if old_csv else []
+    sources = [parts.csv_tables(out, header)] if old_csv else []  # reading the old CSV did not change
     sources.append(parts.shard_tables(shards, schema.names))
     counts = {"ok": 0, "error": 0}
     decoders: Counter[str] = Counter()
