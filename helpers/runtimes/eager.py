@@ -10,9 +10,9 @@ import functools
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from helpers.models import ClipModel
+from helpers.runtimes.wrapped import WrappedClip
 
 __all__ = ["AutocastClip", "native_bf16"]
 
@@ -43,31 +43,12 @@ def native_bf16() -> tuple[bool, str]:
     return supported, f"oneDNN: bfloat16 {'対応' if supported else '非対応'}"
 
 
-class AutocastClip(ClipModel):
+class AutocastClip(WrappedClip):
     """``model`` with both towers under ``torch.autocast(dtype)``; features come back float32."""
 
     def __init__(self, model: ClipModel, dtype: torch.dtype, label: str) -> None:
-        super().__init__(
-            name=model.name,
-            backend=model.backend,
-            kind=model.kind,
-            module=model.module,
-            preprocess_spec=model.preprocess_spec,
-            scoring=model.scoring,
-            device=model.device,
-            dtype=model.dtype,
-        )
-        self.base = model
+        super().__init__(model, label, model.device, model.dtype)
         self.autocast = dtype
-        self.runtime = label
-        self.processor = getattr(model, "processor", "own")
-        self.__dict__["fingerprint"] = model.fingerprint
-
-    def _preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.base._preprocess(images)
-
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.base._tokenize(texts)
 
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast):

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from helpers.models import ClipModel
+from helpers.runtimes.wrapped import WrappedClip
 
 __all__ = ["PROVIDERS", "OnnxClip", "RuntimeUnavailable", "import_onnxruntime", "session"]
 
@@ -80,39 +80,17 @@ def session(
     return made
 
 
-class OnnxClip(ClipModel):
-    """``model`` with both towers run by ONNX Runtime sessions; everything else is ``model``'s.
-
-    Tokenisation, preprocessing, scoring, name and fingerprint are the PyTorch model's, so the
-    commands, :func:`helpers.models.check` and the engines use it unchanged. Features come back
-    float32 on the CPU (ONNX Runtime copies to and from the GPU provider itself).
+class OnnxClip(WrappedClip):
+    """``model`` with both towers run by ONNX Runtime sessions; everything else is ``model``'s
+    (:class:`WrappedClip`). Features come back float32 on the CPU (ONNX Runtime copies to and from
+    the GPU provider itself).
     """
 
     def __init__(self, model: ClipModel, image_session: Any, text_session: Any, label: str) -> None:
-        super().__init__(
-            name=model.name,
-            backend=model.backend,
-            kind=model.kind,
-            module=model.module,
-            preprocess_spec=model.preprocess_spec,
-            scoring=model.scoring,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-        )
-        self.base = model
-        self.runtime = label
-        """What runs the towers, in words (e.g. ``"onnx int8 (CPUExecutionProvider)"``)."""
-        self.processor = getattr(model, "processor", "own")  # what helpers.reading asks of HF models
-        self.__dict__["fingerprint"] = model.fingerprint
+        super().__init__(model, label, torch.device("cpu"), torch.float32)
         self.image_session = image_session
         self.text_session = text_session
         self._text_inputs = [i.name for i in text_session.get_inputs()]
-
-    def _preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.base._preprocess(images)
-
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.base._tokenize(texts)
 
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feeds = {"pixel_values": np.ascontiguousarray(pixel_values.detach().float().cpu().numpy())}
